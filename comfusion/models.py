@@ -1,0 +1,287 @@
+"""Model loading that needs no network: built-in presets and the ordinary `from_pretrained`.
+
+Every model is named by a string: a built-in preset (`tiny`, `sd15-arch`), a local folder,
+or a hub id. Presets are built in code from configs with seeded random weights; the small
+ones are written once into a cache folder with `save_pretrained` and then loaded by folder,
+so they take the very path that real weights take.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, ViTConfig, ViTModel
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from comfusion.judges import Judges
+
+SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+class ModelNotFoundError(OSError):
+    """A named model is neither a preset, nor a local folder with weights, nor reachable."""
+
+    def __init__(self, name: str, part: str, cause: Exception | None = None):
+        self.name = name
+        msg = (f"model '{name}' ({part}) could not be loaded: its weights must be present locally "
+               f"(a folder, or the Hugging Face cache) or reachable on the hub. "
+               f"Built-in presets: {', '.join(sorted(BASE_PRESETS))}.")
+        if cause is not None:
+            msg += f" Cause: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+        super().__init__(msg)
+
+
+# ---------------------------------------------------------------------------------------
+# the byte-level tokenizer
+
+
+def build_byte_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
+    """A CLIP tokenizer whose vocabulary is the 256 byte symbols (and their `</w>` forms).
+
+    With no merges every character is one token, so it tokenizes any prompt without a
+    vocabulary download; it saves and loads like SD 1.5's tokenizer.
+    """
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + [BOS, EOS]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=[], bos_token=BOS, eos_token=EOS, pad_token=EOS,
+                         unk_token=EOS, model_max_length=model_max_length)
+
+
+# ---------------------------------------------------------------------------------------
+# preset shapes
+
+
+@dataclass(frozen=True)
+class BasePreset:
+    """Shapes of a base text-to-image model built with random weights."""
+
+    unet: dict
+    vae: dict
+    text: dict
+    resolution: int
+
+
+def _sd15_scheduler_config() -> dict:
+    # SD 1.5's noise schedule: scaled_linear betas 0.00085..0.012 over 1000 steps.
+    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+
+
+BASE_PRESETS: dict[str, BasePreset] = {
+    "tiny": BasePreset(
+        unet=dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                  attention_head_dim=8, norm_num_groups=32),
+        vae=dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+                 down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                 up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), layers_per_block=1,
+                 norm_num_groups=32, sample_size=32),
+        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu"),
+        resolution=32,
+    ),
+    "sd15-arch": BasePreset(
+        unet=dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                  block_out_channels=(320, 640, 1280, 1280),
+                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                  cross_attention_dim=768, attention_head_dim=8),
+        vae=dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                 layers_per_block=2, sample_size=512),
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu"),
+        resolution=512,
+    ),
+}
+
+# Judges: a DINO-shaped ViT (ViT-S/16 for sd15-arch) and a CLIP (ViT-B/32 shapes for sd15-arch).
+JUDGE_PRESETS: dict[str, dict] = {
+    "tiny": dict(
+        dino=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                  image_size=224, patch_size=32),
+        clip_text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+        clip_vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         image_size=224, patch_size=32),
+        projection_dim=32,
+    ),
+    "sd15-arch": dict(
+        dino=dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+                  image_size=224, patch_size=16),
+        clip_text=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
+        clip_vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                         image_size=224, patch_size=32),
+        projection_dim=512,
+    ),
+}
+# Presets written to the cache folder and loaded back with from_pretrained (small enough to save).
+SAVED_PRESETS = ("tiny",)
+
+
+def _token_ids(tokenizer: CLIPTokenizer) -> dict:
+    return dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
+                eos_token_id=tokenizer.convert_tokens_to_ids(EOS), pad_token_id=tokenizer.convert_tokens_to_ids(EOS))
+
+
+def build_base_components(name: str, seed: int = 0) -> dict:
+    """The components of base preset `name` with seeded random weights (same seed, same weights)."""
+    preset = BASE_PRESETS[name]
+    tokenizer = build_byte_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**preset.text, **_token_ids(tokenizer)))
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**preset.vae)
+    torch.manual_seed(seed + 2)
+    unet = UNet2DConditionModel(**preset.unet)
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                scheduler=DDIMScheduler(**_sd15_scheduler_config()))
+
+
+def build_judge_components(name: str, seed: int = 0) -> dict:
+    """A DINO-shaped ViTModel and a CLIPModel (with its tokenizer), seeded random weights."""
+    p = JUDGE_PRESETS[name]
+    tokenizer = build_byte_tokenizer()
+    torch.manual_seed(seed + 10)
+    dino = ViTModel(ViTConfig(**p["dino"]), add_pooling_layer=False)
+    torch.manual_seed(seed + 11)
+    ids = _token_ids(tokenizer)
+    clip = CLIPModel(CLIPConfig(text_config={**p["clip_text"], **ids, "max_position_embeddings": 77},
+                                vision_config=p["clip_vision"], projection_dim=p["projection_dim"]))
+    return dict(dino=dino, clip=clip, clip_tokenizer=tokenizer)
+
+
+# ---------------------------------------------------------------------------------------
+# saving presets to folders
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("COMFUSION_CACHE", Path.home() / ".cache" / "comfusion"))
+
+
+def save_base(components: dict, folder: str | Path) -> Path:
+    """Write base components in the diffusers folder layout (unet/, vae/, text_encoder/, ...)."""
+    folder = Path(folder)
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        components[part].save_pretrained(folder / part)
+    return folder
+
+
+def save_judges(components: dict, folder: str | Path) -> Path:
+    """Write the judges as two from_pretrained folders: dino/ (ViTModel) and clip/ (CLIPModel + tokenizer)."""
+    folder = Path(folder)
+    components["dino"].save_pretrained(folder / "dino")
+    components["clip"].save_pretrained(folder / "clip")
+    components["clip_tokenizer"].save_pretrained(folder / "clip")
+    return folder
+
+
+def _publish(build, folder: Path) -> Path:
+    """Build into a temporary folder and rename it into place, so concurrent processes never
+    see a half-written preset (the loser of a race simply discards its copy)."""
+    if folder.exists():
+        return folder
+    tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+    build(tmp)
+    try:
+        os.rename(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not folder.exists():
+            raise
+    return folder
+
+
+def materialize_preset(name: str, seed: int = 0, kind: str = "base") -> Path:
+    """The cache folder holding preset `name` (written on first use)."""
+    folder = cache_root() / "presets" / f"{kind}-{name}-seed{seed}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "base":
+        return _publish(lambda tmp: save_base(build_base_components(name, seed), tmp), folder)
+    return _publish(lambda tmp: save_judges(build_judge_components(name, seed), tmp), folder)
+
+
+# ---------------------------------------------------------------------------------------
+# loading
+
+
+def _from_pretrained(cls, name: str, part: str, **kwargs):
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:  # missing files, no network, not a repo
+        raise ModelNotFoundError(name, part, e) from None
+
+
+def resolve_base(name: str, seed: int = 0) -> str:
+    """Folder or hub id from which the base model of `name` loads."""
+    if name in SAVED_PRESETS:
+        return str(materialize_preset(name, seed, "base"))
+    from comfusion import presets_dir  # noqa: PLC0415  (committed presets, e.g. the toy world)
+
+    committed = presets_dir() / name
+    return str(committed) if (committed / "unet").is_dir() else name
+
+
+def load_base(name: str, *, revision: str | None = None, seed: int = 0,
+              device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """UNet, VAE, text encoder, tokenizer and DDIM scheduler of base model `name`.
+
+    `name` is a preset, a folder in the diffusers layout, or a hub id. Random-weight presets
+    that are too large to save (`sd15-arch`) are built directly in memory.
+    """
+    if name in BASE_PRESETS and name not in SAVED_PRESETS:
+        parts = build_base_components(name, seed)
+    else:
+        src = resolve_base(name, seed)
+        kw = dict(revision=revision) if revision else {}
+        mkw = dict(kw, torch_dtype=dtype)
+        parts = dict(
+            unet=_from_pretrained(UNet2DConditionModel, src, "unet", subfolder="unet", **mkw),
+            vae=_from_pretrained(AutoencoderKL, src, "vae", subfolder="vae", **mkw),
+            text_encoder=_from_pretrained(CLIPTextModel, src, "text_encoder", subfolder="text_encoder", **mkw),
+            tokenizer=_from_pretrained(CLIPTokenizer, src, "tokenizer", subfolder="tokenizer", **kw),
+            scheduler=_from_pretrained(DDIMScheduler, src, "scheduler", subfolder="scheduler", **kw),
+        )
+    for part in ("unet", "vae", "text_encoder"):
+        module = parts[part]
+        module.to(device=device) if module.dtype == dtype else module.to(device=device, dtype=dtype)
+        module.eval()
+    return parts
+
+
+def noise_schedule(scheduler) -> DDPMScheduler:
+    """The training noise schedule (DDPM) with the same betas as the sampler's."""
+    return DDPMScheduler.from_config(scheduler.config)
+
+
+def load_judges(dino: str = "tiny", clip: str = "tiny", *, seed: int = 0,
+                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Judges:
+    """The DINO judge (ViTModel) and the CLIP judge (CLIPModel + tokenizer), frozen.
+
+    Each name is a preset (`tiny`, `sd15-arch`), a folder or a hub id such as
+    `facebook/dino-vits16` / `openai/clip-vit-base-patch32`.
+    """
+    if dino in JUDGE_PRESETS and dino not in SAVED_PRESETS and dino == clip:
+        parts = build_judge_components(dino, seed)  # too large to save: built in memory
+        return Judges(parts["dino"], parts["clip"], parts["clip_tokenizer"]).to(device=device, dtype=dtype)
+
+    def src(name: str, sub: str) -> str:
+        if name in JUDGE_PRESETS:
+            return str(materialize_preset(name, seed, "judges") / sub)
+        from comfusion import presets_dir  # noqa: PLC0415
+
+        committed = presets_dir() / name / sub
+        return str(committed) if committed.is_dir() else name
+
+    dino_model = _from_pretrained(ViTModel, src(dino, "dino"), "dino judge", add_pooling_layer=False)
+    clip_src = src(clip, "clip")
+    clip_model = _from_pretrained(CLIPModel, clip_src, "clip judge")
+    tokenizer = _from_pretrained(CLIPTokenizer, clip_src, "clip judge tokenizer")
+    return Judges(dino_model, clip_model, tokenizer).to(device=device, dtype=dtype)

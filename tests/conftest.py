@@ -1,0 +1,21 @@
+"""Shared test set-up: no hub access, a project-local model cache, tiny models."""
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DREAMBOOTH = REPO.parent / "shared" / "datasets" / "dreambooth"
+
+# No machine here reaches a model hub; presets are written to a cache folder inside the repo.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("COMFUSION_CACHE", str(REPO / ".cache" / "comfusion-test"))
+
+
+@pytest.fixture(scope="session")
+def tiny_base():
+    from comfusion.models import load_base
+
+    return load_base("tiny")
