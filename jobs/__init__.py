@@ -1,0 +1,1 @@
+"""Ray entry points: thin wiring of Ray Data / Train / Tune and MLflow around `comfusion`."""

@@ -1,0 +1,153 @@
+"""Class-scene priors on Ray Data: one pipeline for every class a job needs.
+
+The driver plans every class (all input is checked before anything starts), opens each
+cache folder, and turns the missing indices into sampler batches (`prior_batches`, the
+same groups the plain loop uses, so the pixels match it). One Ray Data pipeline maps the
+batches through an actor pool that loads the base model once per actor and calls
+`comfusion.sampling.sample`; the driver collects the rows per class and commits Parquet
+shards through the `comfusion.priors` cache API. A class with nothing missing is reused
+as is; when no class misses anything, no Ray Data work runs at all.
+"""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from typing import Callable
+
+import numpy as np
+import ray
+import torch
+
+from comfusion.config import ConfigError, JobConfig, ModelConfig
+from comfusion.models import load_base
+from comfusion.priors import (SHARD_ROWS, PriorCache, PriorCacheError, PriorPlan, PriorReport,
+                              commit_shard, missing_indices, open_cache, plan_priors, prior_batches,
+                              sample_priors)
+from comfusion.sampling import default_dtype
+
+
+class PriorSampler:
+    """Ray Data actor: the base model, loaded once; each call samples one batch of priors per row."""
+
+    def __init__(self, model: ModelConfig, plans: dict[str, PriorPlan], batch_size: int,
+                 device: str, threads: int | None):
+        if threads:
+            torch.set_num_threads(threads)  # as many threads as CPU slots held
+        self.plans, self.batch_size = plans, batch_size
+        self.components = load_base(model.base, revision=model.revision, seed=model.preset_seed,
+                                    device=device, dtype=default_dtype(device))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """{key, indices (one sampler batch each)} -> one row per image {key, index, png, latent}."""
+        keys, indices, pngs, latents = [], [], [], []
+        for key, group in zip(batch["key"], batch["indices"]):
+            group = [int(i) for i in group]
+            p, z = sample_priors(self.components, self.plans[str(key)], group, self.batch_size)
+            keys += [str(key)] * len(group)
+            indices += group
+            pngs += p
+            latents.append(z)  # (b, 4, h, w)
+        return {"key": np.array(keys), "index": np.array(indices, dtype=np.int64),
+                "png": np.array(pngs, dtype=object), "latent": np.concatenate(latents)}
+
+
+def _actor_options(cfg: JobConfig, n_batches: int, cpus_per_actor: float | None) -> dict:
+    """Actor pool size and resources: one GPU per actor where there are GPUs, else CPU slots."""
+    res = ray.cluster_resources()
+    gpus = int(res.get("GPU", 0))
+    use_gpu = cfg.job.use_gpu == "yes" or (cfg.job.use_gpu == "auto" and gpus > 0)
+    if use_gpu:
+        if gpus < 1:
+            raise ConfigError("job.use_gpu", "is 'yes' but the Ray cluster has no GPU")
+        return dict(num_gpus=1, size=max(1, min(gpus, n_batches)), device="cuda", threads=None)
+    per = cpus_per_actor or cfg.job.cpus_per_trainer
+    cpus = res.get("CPU", 1)
+    if per > cpus:
+        raise ConfigError("job.cpus_per_trainer", f"{per} CPUs per prior actor, but the cluster has {cpus}")
+    n = max(1, min(int(cpus // per), n_batches))
+    return dict(num_cpus=per, size=n, device="cpu", threads=max(1, int(per)))
+
+
+def _run_pipeline(cfg: JobConfig, work: dict[str, tuple[PriorPlan, PriorCache, list[int]]],
+                  cpus_per_actor: float | None, shard_rows: int) -> dict[str, int]:
+    """Generate every missing prior in one Ray Data pipeline; returns images committed per key."""
+    bs = cfg.sampler.batch_size
+    items = [{"key": key, "indices": batch} for key, (_, _, missing) in work.items()
+             for batch in prior_batches(missing, bs)]
+    if not ray.is_initialized():
+        ray.init()
+    opts = _actor_options(cfg, len(items), cpus_per_actor)
+    device, threads, size = opts.pop("device"), opts.pop("threads"), opts.pop("size")
+    plans = {key: plan for key, (plan, _, _) in work.items()}
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        PriorSampler, batch_size=1, batch_format="numpy",  # one row = one sampler batch of bs prompts
+        fn_constructor_kwargs=dict(model=cfg.model, plans=plans, batch_size=bs, device=device, threads=threads),
+        compute=ray.data.ActorPoolStrategy(size=size), **opts)
+    return _commit_stream(ds, {key: cache for key, (_, cache, _) in work.items()},
+                          max(shard_rows, bs))
+
+
+def _commit_stream(ds: "ray.data.Dataset", caches: dict[str, PriorCache], shard_rows: int) -> dict[str, int]:
+    """Consume the pipeline on the driver, committing a shard per class every `shard_rows` rows."""
+    buffers: dict[str, list] = defaultdict(list)  # key -> [(index, png, latent (4, h, w))]
+    committed: dict[str, int] = defaultdict(int)
+
+    def flush(key: str) -> None:
+        rows = buffers.pop(key, [])
+        if rows:
+            commit_shard(caches[key], [r[0] for r in rows], [r[1] for r in rows], np.stack([r[2] for r in rows]))
+            committed[key] += len(rows)
+
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for key, index, png, z in zip(batch["key"], batch["index"], batch["png"], batch["latent"]):
+                buffers[str(key)].append((int(index), bytes(png), z))
+                if len(buffers[str(key)]) >= shard_rows:
+                    flush(str(key))
+    finally:  # rows already made are kept even if the pipeline fails part way
+        for key in list(buffers):
+            flush(key)
+    return committed
+
+
+def make_priors(cfg: JobConfig, class_nouns: list[str], storage: str | os.PathLike, *,
+                progress: Callable[[str], None] | None = print, cpus_per_actor: float | None = None,
+                shard_rows: int = SHARD_ROWS, methods: list[str] | None = None) -> dict:
+    """Make sure every class in `class_nouns` has its complete prior set under `storage`.
+
+    With `methods` (e.g. ["comfusion", "dreambooth"]) every (class, method) plan is made in the
+    same pipeline and the reports are keyed by (class noun, method); without, by class noun
+    for `cfg.method`.
+
+    All classes go through one Ray Data pipeline; only missing (or damaged) indices are
+    generated. Returns a report per class noun: key, folder, generated and reused counts.
+    Bad input (empty class noun, count outside 1..max_count, no scenes) raises before any
+    folder is made or actor started.
+    """
+    if not isinstance(storage, (str, os.PathLike)) or not os.fspath(storage).strip():
+        raise ValueError(f"storage must be a non-empty path, got {storage!r}")
+    if isinstance(class_nouns, str):
+        raise TypeError(f"class_nouns must be a list of class nouns, got the string {class_nouns!r}")
+    nouns = list(dict.fromkeys(class_nouns))
+    if methods is None:
+        plans = {c: plan_priors(c, cfg) for c in nouns}  # validates every class first
+    else:
+        plans = {(c, m): plan_priors(c, cfg, method=m) for c in nouns for m in dict.fromkeys(methods)}
+    work = {}
+    for plan in plans.values():
+        cache = open_cache(storage, plan)
+        work[plan.key] = (plan, cache, missing_indices(cache))
+    todo = {key: w for key, w in work.items() if w[2]}
+    made = _run_pipeline(cfg, todo, cpus_per_actor, shard_rows) if todo else {}
+    reports = {}
+    for noun, plan in plans.items():
+        _, cache, missing = work[plan.key]
+        left = missing_indices(cache)
+        if left:
+            raise PriorCacheError(f"priors for {noun!r}: {len(left)} still missing after generation")
+        reports[noun] = PriorReport(plan.class_noun, plan.key, str(cache.folder), made.get(plan.key, 0),
+                                    plan.count - len(missing))
+        if progress:
+            progress(reports[noun].line())
+    return reports
+
