@@ -40,8 +40,11 @@ class CheckpointError(ValueError):
     """A subject checkpoint folder is missing a file, or a file is corrupt or does not fit."""
 
     def __init__(self, folder: str | Path, file: str, problem: str):
-        self.folder, self.file = str(folder), file
+        self.folder, self.file, self.problem = str(folder), file, problem
         super().__init__(f"subject checkpoint '{folder}': {file}: {problem}")
+
+    def __reduce__(self):  # so the error crosses process boundaries (Ray) intact
+        return (type(self), (self.folder, self.file, self.problem))
 
 
 def utc_now() -> str:

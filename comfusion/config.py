@@ -188,6 +188,28 @@ class JobSection:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation (supplement C and E): which prompts, how many images, which judges."""
+
+    images_per_prompt: int = 10  # n images per prompt, as the paper
+    prompt_sets: tuple[str, ...] = ("specific", "unseen")  # the 15 paper scenes; the 25 DreamBooth prompts
+    dino: str = "tiny"  # DINO ViT-S/16 judge, e.g. "facebook/dino-vits16"
+    clip_judges: tuple[str, ...] = ("tiny",)  # e.g. ViT-B/32 (paper-comparable) and ViT-L/14 (unseen in training)
+    seed: int = 1000  # base seed; the same seeds for every method
+    batch_size: int = 16  # images per sampler / judge batch
+    out: str = "outputs/eval"  # folder of the CSV, the Markdown table and the chart
+
+    def __post_init__(self):
+        _check(self.images_per_prompt >= 1, "images_per_prompt", "must be >= 1")
+        _check(len(self.prompt_sets) >= 1 and set(self.prompt_sets) <= {"specific", "unseen"}, "prompt_sets",
+               "must list 'specific' and/or 'unseen'")
+        _check(bool(self.dino.strip()), "dino", "must name a judge")
+        _check(len(self.clip_judges) >= 1 and all(j.strip() for j in self.clip_judges), "clip_judges",
+               "must name at least one CLIP judge")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """A whole job: what to train, how, and where results go."""
 
@@ -198,6 +220,7 @@ class JobConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     job: JobSection = field(default_factory=JobSection)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     method: str = "comfusion"  # the method of this run (jobs set it per run from job.methods)
 
     def __post_init__(self):
@@ -205,8 +228,16 @@ class JobConfig:
 
     def replace(self, **overrides: Any) -> "JobConfig":
         """A copy with dotted keys replaced, e.g. `cfg.replace(**{"train.steps": 4})`."""
-        return from_dict(apply_overrides(to_dict(self), [f"{k}={yaml.safe_dump(v).strip()}" if not isinstance(v, str)
-                                                         else f"{k}={v}" for k, v in overrides.items()]))
+        values = to_dict(self)
+        for dotted, value in overrides.items():
+            node = values
+            *parents, last = dotted.split(".")
+            for p in parents:
+                if not isinstance(node.get(p), dict):
+                    raise ConfigError(dotted, "is not a config key")
+                node = node[p]
+            node[last] = to_dict(value) if dataclasses.is_dataclass(value) else value
+        return from_dict(values)
 
 
 # ---------------------------------------------------------------------------------------

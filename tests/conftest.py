@@ -11,6 +11,9 @@ DREAMBOOTH = REPO.parent / "shared" / "datasets" / "dreambooth"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# One torch thread per process: with 2 cores shared by Ray workers, more threads oversubscribe
+# them badly (and thread count changes float rounding, so results stay reproducible).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("COMFUSION_CACHE", str(REPO / ".cache" / "comfusion-test"))
 
 
