@@ -1,0 +1,81 @@
+"""Typed settings of the Serve app: the `args:` of `configs/serve.yaml`, checked once.
+
+The frozen dataclass, not the raw dict, is what crosses the Ray boundary into the deployments.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from comfusion.models import cache_root
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def _absolute_sqlite(uri: str) -> str:
+    """`sqlite:///mlflow.db` relative to the current folder -> an absolute sqlite URI.
+
+    Replicas run in other working folders; a relative path would open an empty database there.
+    """
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/") and ":memory:" not in uri:
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def default_tracking_uri() -> str:
+    return _absolute_sqlite(os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+
+
+def default_cache_dir() -> str:
+    return str(cache_root().expanduser().resolve() / "serve")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What the app serves and how; every field has a default that runs the tiny model on a CPU."""
+
+    base: str = "tiny"  # base model the subjects were trained from: preset, folder or hub id
+    preset_seed: int = 0  # seed of the built-in presets' random weights (must match training)
+    tracking_uri: str = field(default_factory=default_tracking_uri)  # MLflow tracking + registry URI
+    cache_dir: str = field(default_factory=default_cache_dir)  # where fetched checkpoints are kept
+    max_models_per_replica: int = 3  # K: subjects whose weights a replica keeps in memory (LRU)
+    default_steps: int = 30  # DDIM steps when a request gives none
+    device: str = "auto"  # "auto" (cuda when present), "cuda" or "cpu"
+    registry_ttl_s: float = 2.0  # how long a subject lookup is cached
+    retry_after_s: int = 1  # the Retry-After of a 503 when the model is overloaded
+
+    def __post_init__(self):
+        checks = [
+            (bool(self.base.strip()), "base", "must name a preset, folder or hub id"),
+            (bool(self.tracking_uri.strip()), "tracking_uri", "must be a tracking URI"),
+            (bool(self.cache_dir.strip()), "cache_dir", "must be a folder"),
+            (self.max_models_per_replica >= 1, "max_models_per_replica", "must be >= 1"),
+            (1 <= self.default_steps <= 100, "default_steps", "must be in 1..100"),
+            (self.device in ("auto", "cuda", "cpu"), "device", "must be 'auto', 'cuda' or 'cpu'"),
+            (self.registry_ttl_s >= 0, "registry_ttl_s", "must be >= 0"),
+            (self.retry_after_s >= 1, "retry_after_s", "must be >= 1"),
+        ]
+        for ok, key, message in checks:
+            if not ok:
+                raise ValueError(f"serve arg '{key}': {message}")
+
+    @classmethod
+    def from_args(cls, args: dict | None) -> ServeSettings:
+        """Settings from the app builder's args; unknown keys and wrong types raise ValueError."""
+        args = dict(args or {})
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(args) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown serve args {unknown}; known: {sorted(fields)}")
+        values = {}
+        for key, value in args.items():
+            kind = {"int": int, "float": float, "str": str}[fields[key].type]
+            if isinstance(value, bool) or not isinstance(value, (kind, int) if kind is float else kind):
+                raise ValueError(f"serve arg '{key}': expected {kind.__name__}, got {value!r}")
+            values[key] = kind(value)
+        if "tracking_uri" in values:
+            values["tracking_uri"] = _absolute_sqlite(values["tracking_uri"])
+        return cls(**values)
