@@ -1,51 +1,123 @@
-"""`make demo`: the most complete path that exists, on the built-in default (CPU, tiny preset).
+"""`make demo`: the whole product on one CPU machine, on the built-in default model.
 
-Renders the demo subjects' photos, validates them, and samples one image per subject and
-scene with the shared sampler into demo_out/.
+1. renders the demo subjects' photos (the project ships none),
+2. starts a local Ray head and an MLflow server (cluster/start_local.sh),
+3. submits jobs/train_many.py with `ray job submit` (priors on Ray Data, training on Ray Train),
+4. deploys the Serve app (configs/serve.yaml) and asks it for one image per demo subject,
+then leaves Ray, MLflow and the app running. `make stop` (this script with --stop) stops them.
+Running it again reuses the priors and adds new runs.
 """
 from __future__ import annotations
 
 import argparse
+import base64
+import json
+import os
+import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
+STORAGE = REPO / "storage"
+BIN = Path(sys.executable).parent
+MLFLOW_URI = "http://127.0.0.1:5000"
+APP_URL = "http://127.0.0.1:8000"
+
+
+def sh(*cmd: str, env: dict | None = None) -> None:
+    print("+ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, **(env or {})})
+
+
+def cluster_env() -> dict:
+    # `python` in the job's entrypoint and in Ray's workers must be this environment's.
+    return {"PYTHON": sys.executable, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+
+
+def submit_training(config: str, photos: Path) -> None:
+    runtime_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
+    runtime_env["env_vars"].update({k: os.environ[k] for k in ("HF_HUB_OFFLINE", "COMFUSION_CACHE") if k in os.environ})
+    runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] = MLFLOW_URI
+    sh(str(BIN / "ray"), "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", ".",
+       "--runtime-env-json", json.dumps(runtime_env), "--",
+       "python", "jobs/train_many.py", "--config", config,
+       "--set", f"data.root={photos}", "--set", f"job.storage={STORAGE}", env=cluster_env())
+
+
+def deploy_app() -> None:
+    cfg = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
+    app = cfg["applications"][0]
+    app["args"].update(tracking_uri=MLFLOW_URI, cache_dir=str(STORAGE / "serve-cache"), default_steps=10)
+    app["runtime_env"] = {"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "COMFUSION_CACHE")
+                                       if k in os.environ}}
+    path = STORAGE / "run" / "serve-demo.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    sh(str(BIN / "serve"), "deploy", str(path), "--address", "http://127.0.0.1:8265", env=cluster_env())
+
+
+def http(method: str, url: str, body: dict | None = None, timeout: float = 120) -> dict:
+    req = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body else None,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def wait_for_subjects(ids: list[str], timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            listed = {s["id"] for s in http("GET", f"{APP_URL}/v1/subjects", timeout=10)["subjects"]}
+            if set(ids) <= listed:
+                return
+        except (urllib.error.URLError, OSError, KeyError, json.JSONDecodeError):
+            pass
+        time.sleep(2)
+    raise TimeoutError(f"the Serve app did not list {ids} within {timeout:.0f} s (see `serve status`)")
+
+
+def ask_for_images(ids: list[str], scene: str, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for sid in ids:
+        res = http("POST", f"{APP_URL}/v1/generate", {"subject": sid, "scene": scene, "seed": 0, "steps": 10})
+        path = out / f"{sid}.png"
+        path.write_bytes(base64.b64decode(res["images"][0]))
+        print(f"{sid}: '{res['prompt']}' -> {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
-    ap.add_argument("--out", default=str(REPO / "demo_out"))
+    ap.add_argument("--config", default="configs/demo.yaml", help="job config, relative to the repository")
+    ap.add_argument("--out", default=str(REPO / "demo_out"), help="where the app's images are saved")
     ap.add_argument("--stop", action="store_true", help="stop what the demo started")
     args = ap.parse_args(argv)
     if args.stop:
-        print("nothing to stop")
+        sh("bash", "cluster/stop_local.sh", str(STORAGE), env=cluster_env())
         return 0
+    from comfusion.config import load_config  # noqa: PLC0415
+    from jobs.demo_subjects import write_demo_subjects  # noqa: PLC0415
 
-    from comfusion.config import load_config
-    from comfusion.data import format_subject_errors, validate_subjects
-    from comfusion.models import load_base
-    from comfusion.prompts import instance_scene_text
-    from comfusion.sampling import image_grid, sample, to_pil
-    from jobs.demo_subjects import write_demo_subjects
-
-    photos = REPO / "storage" / "demo_subjects"
+    photos = STORAGE / "demo_subjects"
     write_demo_subjects(photos)
-    cfg = load_config(args.config, [f"data.root={photos}", f"job.storage={REPO / 'storage'}"])
-    subjects, errors = validate_subjects(cfg.data.subjects, cfg.data, cfg.model.resolution)
-    if errors:
-        print(format_subject_errors(errors), file=sys.stderr)
-        return 1
-    parts = load_base(cfg.model.base, seed=cfg.model.preset_seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for s in subjects:
-        prompts = [instance_scene_text(s.identifier, s.class_noun, sc) for sc in s.scenes]
-        res = sample(parts, prompts, list(range(len(prompts))), steps=cfg.sampler.steps,
-                     guidance_scale=cfg.sampler.guidance_scale)
-        path = out / f"{s.id}.png"
-        to_pil(image_grid(res.images)).save(path)
-        print(f"{s.id}: {len(prompts)} scenes -> {path}")
+    ids = [s.id for s in load_config(REPO / args.config).data.subjects]
+    sh("bash", "cluster/start_local.sh", str(STORAGE), env=cluster_env())
+    submit_training(args.config, photos)
+    deploy_app()
+    wait_for_subjects(ids)
+    scene = load_config(REPO / args.config).data.scenes[0]
+    ask_for_images(ids, scene, Path(args.out))
+    print(f"""
+Ray dashboard:  http://127.0.0.1:8265
+MLflow UI:      {MLFLOW_URI}   (experiment 'demo': losses, sample images, registered subjects)
+Serve app:      {APP_URL}/docs
+Try it:
+  curl -s -X POST {APP_URL}/v1/generate -H 'Content-Type: application/json' -H 'Accept: image/png' \\
+       -d '{{"subject": "{ids[0]}", "scene": "{scene}", "seed": 1, "steps": 10}}' -o {ids[0]}.png
+Stop everything: make stop""")
     return 0
 
 

@@ -1,0 +1,90 @@
+"""Ray path of jobs/train_many.py: parallel efficiency and overhead, measured in one run.
+
+1. direct: `SubjectTrainer.run()` + publish for one subject, no Ray (priors already cached);
+2. one:    train_many with that one subject (cluster already up, priors cached);
+3. many:   train_many with K subjects on a cluster with K trainer slots.
+
+Prints parallel efficiency = one / many (target >= 0.9 on GPU clusters) and the overhead of
+the Ray path = one / direct (target <= 1.1x for a full-length run; a short run is dominated by
+the fixed start-up of workers, MLflow runs and model loading, so pass --steps to see it shrink).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _subjects_yaml(k: int) -> str:
+    ids = ["red-ball", "blue-cube"]
+    return "[" + ", ".join(f"{{id: s{i}, class_noun: ball, images: [{ids[i % 2]}/00.png]}}" for i in range(k)) + "]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--k", type=int, default=2, help="subjects trained at once (and trainer slots)")
+    ap.add_argument("--steps", type=int, default=30, help="training steps per subject")
+    ap.add_argument("--config", default=str(Path(__file__).parents[1] / "configs" / "demo.yaml"))
+    ap.add_argument("--cpus-per-trainer", type=float, default=1.0, help="CPU slots per trainer without GPUs")
+    args = ap.parse_args(argv)
+
+    import ray
+
+    from comfusion.config import load_config
+    from comfusion.data import check_subject
+    from comfusion.priors import ensure_priors, read_priors
+    from comfusion.train import SubjectTrainer
+    from jobs import train_many
+    from jobs.demo_subjects import write_demo_subjects
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-train-many-"))
+    write_demo_subjects(tmp / "subjects")
+    base = ["--set", f"data.root={tmp / 'subjects'}", "--set", f"job.storage={tmp / 'storage'}",
+            "--set", f"train.steps={args.steps}", "--set", "train.validate_every=0",
+            "--set", f"train.checkpoint_every={max(1, args.steps // 3)}", "--set", "job.methods=[comfusion]",
+            "--set", f"job.cpus_per_trainer={args.cpus_per_trainer}"]
+    cfg = load_config(args.config, [b for b in base if b != "--set"] + [f"data.subjects={_subjects_yaml(1)}"])
+    subject = check_subject(cfg.data.subjects[0], cfg.data, cfg.model.resolution)
+    priors = read_priors(ensure_priors(subject.class_noun, cfg, cfg.job.storage, progress=None).folder)
+
+    t0 = time.perf_counter()
+    trainer = SubjectTrainer(cfg, subject, priors, device="cpu")
+    trainer.run()
+    trainer.publish(tmp / "direct")
+    direct = time.perf_counter() - t0
+
+    ray.init(num_cpus=max(2, int(args.k * args.cpus_per_trainer) + 1), include_dashboard=False, log_to_driver=False)
+    timings = {}
+    for label, k in (("one", 1), ("many", args.k)):
+        t0 = time.perf_counter()
+        code = train_many.main(["--config", args.config, *base, "--set", f"data.subjects={_subjects_yaml(k)}",
+                                "--set", f"job.name=bench-{label}", "--set", f"job.max_concurrent={k}"])
+        timings[label] = time.perf_counter() - t0
+        if code != 0:
+            print(f"train_many failed for {label}", file=sys.stderr)
+            return 1
+    ray.shutdown()
+    print(f"\nmachine: {os.cpu_count()} CPUs, no GPU" if not _has_cuda() else "\nmachine: CUDA")
+    print(f"steps={args.steps} k={args.k} cpus_per_trainer={args.cpus_per_trainer}")
+    print(f"direct trainer, 1 subject:   {direct:8.1f} s")
+    print(f"train_many, 1 subject:       {timings['one']:8.1f} s   overhead {timings['one'] / direct:.2f}x")
+    print(f"train_many, {args.k} subjects:      {timings['many']:8.1f} s   "
+          f"parallel efficiency {timings['one'] / timings['many']:.2f}")
+    return 0
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

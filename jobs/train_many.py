@@ -1,0 +1,150 @@
+"""Train many subjects with ComFusion (and baselines) on a Ray cluster, tracked in MLflow.
+
+    ray job submit --working-dir . -- python jobs/train_many.py --config configs/<x>.yaml [--set k=v ...]
+
+Checks the config and every subject, makes the class priors with Ray Data (once per class,
+cached), then runs one Ray Train TorchTrainer per (subject, method) as Ray Tune trials, as many
+at once as the cluster has room for. Prints a summary; exits non-zero if any subject failed.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any folder
+
+from comfusion.config import ConfigError, load_config  # noqa: E402
+from comfusion.data import format_subject_errors, validate_subjects  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="job config YAML (configs/demo.yaml, configs/paper.yaml)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key, e.g. --set train.steps=400 (repeatable)")
+    ap.add_argument("--address", default=None, help="Ray address (default: the job's cluster, or a local one)")
+    return ap.parse_args(argv)
+
+
+def make_all_priors(cfg, subjects, storage: Path) -> dict:
+    """Priors of every (class, method) the job needs, one Ray Data pipeline per scene list."""
+    from jobs.priors import make_priors  # noqa: PLC0415
+
+    folders: dict = {}
+    by_scenes: dict[tuple, list] = {}
+    for s in subjects:
+        by_scenes.setdefault(tuple(s.scenes), []).append(s)
+    for scenes, group in by_scenes.items():
+        c = cfg.replace(**{"data.scenes": list(scenes)})
+        reports = make_priors(c, [s.class_noun for s in group], storage, methods=list(cfg.job.methods))
+        for (noun, method), rep in reports.items():
+            folders[(scenes, noun, method)] = rep.folder
+    return folders
+
+
+def trainer_slots(cfg, use_gpu: bool) -> int:
+    import ray  # noqa: PLC0415
+
+    res = ray.cluster_resources()
+    slots = int(res.get("GPU", 0)) if use_gpu else math.floor(res.get("CPU", 1) / cfg.job.cpus_per_trainer)
+    slots = max(1, slots)
+    return min(slots, cfg.job.max_concurrent) if cfg.job.max_concurrent else slots
+
+
+def plan_runs(cfg, subjects, priors: dict, storage: Path, use_gpu: bool) -> list:
+    """One MLflow run and one SubjectRun per (subject, method)."""
+    from mlflow import MlflowClient  # noqa: PLC0415
+
+    from jobs.tracking import create_run, experiment_id, tracking_uri  # noqa: PLC0415
+    from jobs.train_worker import SubjectRun  # noqa: PLC0415
+
+    uri = tracking_uri(storage)
+    client = MlflowClient(uri)
+    exp = experiment_id(client, cfg.job.name, storage)
+    spec_of = {sp.id: sp for sp in cfg.data.subjects}
+    runs = []
+    for s in subjects:
+        for method in cfg.job.methods:
+            c = cfg.replace(method=method, **{"data.scenes": list(s.scenes), "job.storage": str(storage)})
+            run_id = create_run(client, exp, c, s.id, s.class_noun, s.identifier)
+            runs.append(SubjectRun(cfg=c, spec=spec_of[s.id], run_id=run_id, tracking_uri=uri,
+                                   priors_dir=priors[(tuple(s.scenes), s.class_noun, method)],
+                                   checkpoint_dir=str(storage / "checkpoints" / cfg.job.name / s.id / method / run_id),
+                                   ray_storage=str(storage / "ray_results"), use_gpu=use_gpu))
+    print(f"mlflow: experiment '{cfg.job.name}' at {uri} ({len(runs)} runs)", flush=True)
+    return runs
+
+
+def train_all(cfg, runs: list, storage: Path, use_gpu: bool) -> list[dict]:
+    """Ray Tune runs one TorchTrainer per (subject, method), `max_concurrent_trials` at once."""
+    from ray import tune  # noqa: PLC0415
+
+    from jobs.train_worker import tune_trial  # noqa: PLC0415
+
+    slots = trainer_slots(cfg, use_gpu)
+    print(f"training {len(runs)} runs, {slots} at once", flush=True)
+    trial = tune.with_resources(tune.with_parameters(tune_trial, runs=runs), {"CPU": 0.01})
+    tuner = tune.Tuner(trial, param_space={"index": tune.grid_search(list(range(len(runs))))},
+                       tune_config=tune.TuneConfig(max_concurrent_trials=slots),
+                       run_config=tune.RunConfig(name=f"{cfg.job.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                                 storage_path=str(storage / "ray_results"), verbose=1))
+    results = {r.config["index"]: r for r in tuner.fit()}
+    out = []
+    for i, run in enumerate(runs):
+        r = results.get(i)
+        if r is not None and r.error is None and r.metrics.get("status"):
+            out.append(dict(r.metrics))
+        else:
+            out.append({"subject": run.spec.id, "method": run.cfg.method, "run_id": run.run_id, "status": "failed",
+                        "error": str(getattr(r, "error", "no result"))[:300]})
+    return out
+
+
+def print_summary(rows: list[dict]) -> None:
+    cols = ("subject", "method", "status", "steps", "wall_s", "final_loss", "checkpoint", "run_id")
+    table = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
+    print("\n" + "  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for t in table:
+        print("  ".join(v.ljust(w) for v, w in zip(t, widths)))
+    for r in rows:
+        if r.get("error"):
+            print(f"{r['subject']} ({r.get('method', '-')}): {r['error']}")
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) and not v.is_integer() else str(v)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    subjects, errors = validate_subjects(cfg.data.subjects, cfg.data, cfg.model.resolution, load_pixels=False)
+    if errors:
+        print(f"invalid subjects (skipped):\n{format_subject_errors(errors)}", file=sys.stderr)
+    rows = [{"subject": sid, "method": "-", "status": "invalid", "error": "; ".join(p)} for sid, p in errors.items()]
+    if subjects:
+        import ray  # noqa: PLC0415
+
+        from jobs.train_worker import default_env  # noqa: PLC0415
+
+        storage = Path(cfg.job.storage).resolve()
+        if not ray.is_initialized():
+            ray.init(address=args.address, runtime_env={"env_vars": default_env()}, log_to_driver=True)
+        use_gpu = cfg.job.use_gpu == "yes" or (cfg.job.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+        priors = make_all_priors(cfg, subjects, storage)
+        runs = plan_runs(cfg, subjects, priors, storage, use_gpu)
+        rows = train_all(cfg, runs, storage, use_gpu) + rows
+    print_summary(rows)
+    return 0 if rows and all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""jobs/train_many.py on a real local Ray cluster and a real MLflow backend (sqlite + folder).
+
+Tiny preset on the CPU; nothing is mocked.
+"""
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from mlflow import MlflowClient
+
+from comfusion.checkpoint import verify_checkpoint
+from jobs import train_many
+from jobs.demo_subjects import write_demo_subjects
+
+pytestmark = pytest.mark.ray
+DEMO = Path(__file__).parents[1] / "configs" / "demo.yaml"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _args(tmp, *extra):
+    return ["--config", str(DEMO), "--set", f"data.root={tmp / 'subjects'}", "--set", f"job.storage={tmp / 'storage'}",
+            "--set", "priors.count=4", "--set", "sampler.steps=2", "--set", "job.methods=[comfusion]",
+            "--set", "job.cpus_per_trainer=1.0", *extra]
+
+
+def _client(tmp):
+    return MlflowClient(f"sqlite:///{tmp / 'storage' / 'mlflow.db'}")
+
+
+def test_two_subjects_and_a_bad_one(cluster, tmp_path, capsys):
+    write_demo_subjects(tmp_path / "subjects")
+    (tmp_path / "subjects" / "broken.png").write_text("not an image")
+    bad = ("[{id: red-ball, class_noun: ball, images: [red-ball/00.png]},"
+           " {id: blue-cube, class_noun: cube, identifier: zwx, images: [blue-cube/00.png]},"
+           " {id: broken, class_noun: ball, images: [broken.png]}]")
+    code = train_many.main(_args(tmp_path, "--set", f"data.subjects={bad}", "--set", "train.steps=4",
+                                 "--set", "train.checkpoint_every=2", "--set", "train.validate_every=2"))
+    out = capsys.readouterr()
+    assert code == 1  # the bad subject counts as a failure ...
+    assert "broken" in out.err and "broken.png" in out.err
+    client = _client(tmp_path)
+    exp = client.get_experiment_by_name("demo")
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.data.tags["subject"] for r in runs) == ["blue-cube", "red-ball"]  # ... the good ones train
+    for r in runs:
+        assert r.info.status == "FINISHED" and r.data.tags["method"] == "comfusion"
+        assert r.data.params["train.steps"] == "4" and r.data.params["method"] == "comfusion"
+        for key in ("loss/instance", "loss/class_scene", "loss/fusion_instance", "loss/fusion_scene", "loss/total"):
+            assert [m.step for m in client.get_metric_history(r.info.run_id, key)] == [1, 2, 3, 4]
+        assert any(m.value != 0 for m in client.get_metric_history(r.info.run_id, "loss/fusion_scene"))
+        artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert "checkpoint" in artifacts and "images" in artifacts  # validation sample images
+        subject = r.data.tags["subject"]
+        mv = client.get_model_version_by_alias(subject, "serving")
+        assert mv.run_id == r.info.run_id and mv.tags["class_noun"] == r.data.tags["class_noun"]
+    for line in ("red-ball", "blue-cube"):
+        assert any(line in row and " ok " in row for row in out.out.splitlines())
+
+
+def test_worker_killed_after_a_checkpoint_resumes(cluster, tmp_path):
+    write_demo_subjects(tmp_path / "subjects")
+    one = "[{id: red-ball, class_noun: ball, images: [red-ball/00.png]}]"
+    args = _args(tmp_path, "--set", f"data.subjects={one}", "--set", "train.steps=12",
+                 "--set", "train.checkpoint_every=2", "--set", "train.validate_every=0",
+                 "--set", "job.max_failures=2", "--set", "job.name=fault")
+    result = []
+    job = threading.Thread(target=lambda: result.append(train_many.main(args)))
+    job.start()
+    killed = _kill_worker_after_first_checkpoint(tmp_path / "storage" / "ray_results", timeout=300)
+    job.join(timeout=600)
+    assert killed and result == [0]
+    client = _client(tmp_path)
+    runs = client.search_runs([client.get_experiment_by_name("fault").experiment_id])
+    assert len(runs) == 1  # the restarted worker logged into the same run
+    run = runs[0]
+    assert int(run.data.tags["resumed_from_step"]) >= 2
+    assert run.data.metrics["final/step"] == 12
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss/total")]
+    assert steps == list(range(1, 13))  # every step once, none twice
+    mv = client.get_model_version_by_alias("red-ball", "serving")
+    assert mv.run_id == run.info.run_id
+    assert len(client.search_model_versions("name = 'red-ball'")) == 1
+    ckpt = tmp_path / "storage" / "checkpoints" / "fault" / "red-ball" / "comfusion" / run.info.run_id
+    assert verify_checkpoint(ckpt).id == "red-ball"
+
+
+def _kill_worker_after_first_checkpoint(results: Path, timeout: float) -> bool:
+    """SIGKILL the Ray Train worker process once it has reported a checkpoint."""
+    import psutil
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        # the second checkpoint folder exists only once the first one is registered
+        if len(list(results.glob("red-ball-*/checkpoint_*"))) >= 2:
+            for p in psutil.process_iter(["pid", "cmdline"]):
+                if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
+                    os.kill(p.info["pid"], signal.SIGKILL)
+                    return True
+        time.sleep(0.2)
+    return False
