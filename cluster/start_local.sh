@@ -5,6 +5,8 @@
 set -euo pipefail
 STORAGE=$(realpath -m "${1:-storage}")
 PY=${PYTHON:-python}
+# Ray >= 2.59 protects a local head with a token (~/.ray/auth_token); clients need the same mode.
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 RAY=${RAY:-$(dirname "$PY")/ray}; command -v "$RAY" >/dev/null 2>&1 || RAY=ray
 MLFLOW=${MLFLOW:-$(dirname "$PY")/mlflow}; command -v "$MLFLOW" >/dev/null 2>&1 || MLFLOW=mlflow
 MLFLOW_PORT=${MLFLOW_PORT:-5000}

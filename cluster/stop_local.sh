@@ -4,6 +4,8 @@
 set -uo pipefail
 STORAGE=$(realpath -m "${1:-storage}")
 PY=${PYTHON:-python}
+# Ray >= 2.59 protects a local head with a token (~/.ray/auth_token); clients need the same mode.
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 RAY=${RAY:-$(dirname "$PY")/ray}; command -v "$RAY" >/dev/null 2>&1 || RAY=ray
 SERVE=${SERVE:-$(dirname "$PY")/serve}; command -v "$SERVE" >/dev/null 2>&1 || SERVE=serve
 if "$RAY" status >/dev/null 2>&1; then

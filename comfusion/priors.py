@@ -210,9 +210,11 @@ class PriorReport:
     folder: str
     generated: int  # images made by this call
     reused: int  # images already in the cache
+    scenes: tuple[str, ...] = ()  # the plan's scenes; ("",) is DreamBooth's class-only set
 
     def line(self) -> str:
-        return (f"priors for '{self.class_noun}': generated {self.generated}, reused {self.reused} "
+        what = "class only" if self.scenes == ("",) else f"{len(self.scenes)} scenes"
+        return (f"priors for '{self.class_noun}' ({what}): generated {self.generated}, reused {self.reused} "
                 f"(key {self.key}, {self.folder})")
 
 
@@ -425,7 +427,8 @@ def generate_missing(plan: PriorPlan, cache: PriorCache, components: dict, sampl
         done += len(indices)
         if progress:
             progress(f"priors for '{plan.class_noun}': {done}/{len(missing)} generated")
-    report = PriorReport(plan.class_noun, plan.key, str(cache.folder), done, plan.count - len(missing))
+    report = PriorReport(plan.class_noun, plan.key, str(cache.folder), done, plan.count - len(missing),
+                         plan.scenes)
     if progress:
         progress(report.line())
     return report

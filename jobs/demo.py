@@ -35,8 +35,10 @@ def sh(*cmd: str, env: dict | None = None) -> None:
 
 
 def cluster_env() -> dict:
-    # `python` in the job's entrypoint and in Ray's workers must be this environment's.
-    return {"PYTHON": sys.executable, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    # `python` in the job's entrypoint and in Ray's workers must be this environment's; the local
+    # head uses Ray's token authentication (its token in ~/.ray/auth_token), clients too.
+    return {"PYTHON": sys.executable, "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+            "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
 
 
 def submit_training(config: str, photos: Path) -> None:

@@ -1,17 +1,37 @@
-"""The evaluation report: every score as CSV, the paper's table layout in Markdown, a bar chart.
+"""What an evaluation produces: scores, the report files, sample grids, and their MLflow logging.
 
 Rows of the CSV (`COLUMNS`): one per (subject, method, prompt set, prompt, judge, metric). A
 row with prompt `ALL` is the subject's score over all images of the set; the "Real Images"
 rows have method `Real Images` and prompt set `real`. The tables follow Tables 1 and 3 of
 the paper: rows Real Images and each method, columns DINO, CLIP-I, CLIP-T, each the mean over
 subjects of the per-subject `ALL` scores; one table per prompt set and CLIP judge.
+
+MLflow keys in a subject's run: `eval/dino`, `eval/clip_i`, `eval/clip_t` (first prompt set,
+first CLIP judge), `eval/<judge-slug>/clip_i` for other judges, `eval/<set>/...` for other sets,
+`eval/clip_t/<scene-slug>` per scene; the grid of each set as `eval/<set>.png`.
 """
 from __future__ import annotations
 
 import csv
+import io
 import math
-from dataclasses import dataclass
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from comfusion.config import JobConfig, flatten
+from comfusion.data import load_image
+from comfusion.metrics import EvalPrompt, ImageEmbeddings, Scorer, image_scores, real_images_scores, slug
+from comfusion.sampling import image_grid
+
+if TYPE_CHECKING:
+    from jobs.evaluate import Target
 
 COLUMNS = ("subject", "method", "prompt_set", "prompt", "scene", "judge", "metric", "value")
 ALL = "ALL"  # the prompt of a subject-level row
@@ -21,6 +41,7 @@ DISPLAY = {"comfusion": "ComFusion", "dreambooth": "DreamBooth"}
 SET_TITLES = {"specific": "specific scenes (the paper's Table 1 / Table 3 protocol)",
               "unseen": "unseen scenes, the 25 DreamBooth prompts (supplement E, Table 1)"}
 CSV_FILE, TABLE_FILE, CHART_FILE = "scores.csv", "table.md", "scores.png"
+GRID_IMAGES = 4  # images per prompt in the sample grids
 
 
 @dataclass(frozen=True)
@@ -38,6 +59,163 @@ class Table:
     dino_judge: str
     clip_judge: str
     rows: tuple[TableRow, ...]
+
+
+# ---------------------------------------------------------------------------------------
+# scores
+
+
+@dataclass
+class Generated:
+    """What came back for one target, in (prompt set, prompt index, image index) order."""
+
+    keys: list[tuple[str, int, int]] = field(default_factory=list)
+    embeddings: ImageEmbeddings | None = None
+    thumbs: dict[tuple[str, int, int], bytes] = field(default_factory=dict)
+
+
+def _row(subject: str, method: str, prompt_set: str, prompt: str, scene: str, score) -> dict:
+    """One CSV row (a dict with the `COLUMNS` keys) from a `metrics.Score`."""
+    return dict(subject=subject, method=method, prompt_set=prompt_set, prompt=prompt, scene=scene,
+                judge=score.judge, metric=score.metric, value=score.value)
+
+
+def score_target(target: Target, plan: list[EvalPrompt], gen: Generated, real: ImageEmbeddings,
+                 texts: dict[str, dict[str, torch.Tensor]], dino_judge: str) -> list[dict]:
+    """Per-prompt and per-set (`ALL`) scores of one target. `texts`: CLIP-T text -> judge -> (1, P)."""
+    by_key = {(p.prompt_set, p.index): p for p in plan}
+    prompts = [by_key[(s, i)] for s, i, _ in gen.keys]  # the prompt of each image
+    rows = []
+    for prompt_set in dict.fromkeys(p.prompt_set for p in plan):
+        for p in [p for p in plan if p.prompt_set == prompt_set]:
+            idx = [k for k, q in enumerate(prompts) if q is p]
+            for sc in image_scores(gen.embeddings.select(idx), real, texts[p.text], dino_judge):
+                rows.append(_row(target.subject, target.method, prompt_set, p.prompt, p.scene, sc))
+        idx = [k for k, q in enumerate(prompts) if q.prompt_set == prompt_set]
+        per_image = {j: torch.cat([texts[prompts[k].text][j] for k in idx]) for j in real.clip}  # (N, P)
+        rows += [_row(target.subject, target.method, prompt_set, ALL, "", sc)
+                 for sc in image_scores(gen.embeddings.select(idx), real, per_image, dino_judge)]
+    return rows
+
+
+def embed_references(cfg: JobConfig, targets: list[Target], plans: list[list[EvalPrompt]],
+                     progress: Callable[[str], None] | None = print) -> tuple[dict, dict, list[dict]]:
+    """Real-photo embeddings per subject, CLIP text embeddings per CLIP-T text, and the Real Images rows."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    scorer = Scorer.load(cfg.eval.dino, cfg.eval.clip_judges, seed=cfg.model.preset_seed, device=device,
+                         batch_size=cfg.eval.batch_size)
+    real, rows = {}, []
+    for t in targets:
+        if t.subject in real:
+            continue
+        photos = [np.asarray(load_image(p, min_side=1, max_pixels=cfg.data.max_pixels)) for p in t.photos]
+        real[t.subject] = scorer.embed_images(photos)
+        ri = real_images_scores(real[t.subject], scorer.dino_name)
+        if ri.reason and progress:
+            progress(f"{t.subject}: no Real Images score: {ri.reason}")
+        rows += [_row(t.subject, REAL, REAL_SET, ALL, "", sc) for sc in ri.scores if math.isfinite(sc.value)]
+    texts_list = sorted({p.text for plan in plans for p in plan})
+    emb = scorer.embed_texts(texts_list)
+    texts = {text: {j: emb[j][i:i + 1] for j in emb} for i, text in enumerate(texts_list)}
+    del scorer
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the actors may share this GPU
+    return real, texts, rows
+
+
+# ---------------------------------------------------------------------------------------
+# grids and MLflow
+
+
+def sample_grids(targets: list[Target], plans: list[list[EvalPrompt]], generated: dict[int, Generated],
+                 out: Path) -> dict[int, dict[str, Path]]:
+    """One PNG per (target, prompt set): a row per prompt, its first GRID_IMAGES images."""
+    grids: dict[int, dict[str, Path]] = defaultdict(dict)
+    for t, (target, plan) in enumerate(zip(targets, plans)):
+        gen = generated.get(t)
+        for prompt_set in dict.fromkeys(p.prompt_set for p in plan):
+            rows = [[np.asarray(Image.open(io.BytesIO(gen.thumbs[(prompt_set, p.index, j)])))
+                     for j in range(GRID_IMAGES) if (prompt_set, p.index, j) in gen.thumbs]
+                    for p in plan if p.prompt_set == prompt_set] if gen else []
+            cols = max((len(r) for r in rows), default=0)
+            if not cols:
+                continue
+            blank = np.zeros_like(rows[0][0])
+            tiles = np.stack([im for r in rows for im in r + [blank] * (cols - len(r))])
+            path = out / "grids" / f"{slug(target.subject)}--{slug(target.method)}--{prompt_set}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image_grid(tiles, cols)).save(path)
+            grids[t][prompt_set] = path
+    return grids
+
+
+def judge_slug(name: str) -> str:
+    """'openai/clip-vit-large-patch14' -> 'clip-vit-large-patch14' (a metric-key part)."""
+    return slug(Path(name.rstrip("/")).name or name)
+
+
+def metric_key(row: dict, first_set: str, first_clip: str) -> str | None:
+    """The MLflow key of a score row, or None for rows not logged as run metrics (per-prompt DINO / CLIP-I).
+
+    eval/dino, eval/clip_i, eval/clip_t: first prompt set, first CLIP judge; other judges
+    eval/<judge-slug>/clip_i; other sets eval/<set>/...; per scene eval/clip_t/<scene-slug>.
+    """
+    parts = ["eval"] + ([row["prompt_set"]] if row["prompt_set"] != first_set else [])
+    if row["metric"] != "dino" and row["judge"] != first_clip:
+        parts.append(judge_slug(row["judge"]))
+    parts.append(row["metric"])
+    if row["prompt"] != ALL:
+        if row["metric"] != "clip_t":
+            return None
+        parts.append(slug(row["scene"]))
+    return "/".join(parts)
+
+
+def log_to_subject_runs(client, cfg: JobConfig, targets: list[Target], rows: list[dict],
+                        grids: dict[int, dict[str, Path]]) -> int:
+    """`eval/...` metrics and the sample grids into each target's own run; returns runs logged."""
+    from mlflow.entities import Metric  # noqa: PLC0415
+
+    now, logged = int(time.time() * 1000), 0
+    for t, target in enumerate(targets):
+        if target.run_id is None:
+            continue
+        mine = [r for r in rows if r["subject"] == target.subject and r["method"] == target.method]
+        keys = {metric_key(r, cfg.eval.prompt_sets[0], cfg.eval.clip_judges[0]): r["value"] for r in mine}
+        metrics = [Metric(k, float(v), now, 0) for k, v in keys.items() if k and math.isfinite(v)]
+        for k in range(0, len(metrics), 500):  # MLflow's batch limit is 1000 metrics
+            client.log_batch(target.run_id, metrics=metrics[k:k + 500])
+        for prompt_set, path in grids.get(t, {}).items():
+            client.log_image(target.run_id, np.asarray(Image.open(path)), artifact_file=f"eval/{prompt_set}.png")
+        logged += 1
+    return logged
+
+
+def log_evaluation_run(client, cfg: JobConfig, rows: list[dict], paths: dict, out: Path,
+                       methods: list[str]) -> str:
+    """An `evaluation` run in experiment `job.name`: the eval settings, the table cells, the report files."""
+    from mlflow.entities import Metric, Param  # noqa: PLC0415
+
+    from jobs.tracking import experiment_id  # noqa: PLC0415
+
+    exp_id = experiment_id(client, cfg.job.name, cfg.job.storage)
+    run = client.create_run(exp_id, run_name="evaluation", tags={"kind": "evaluation"})
+    rid, now = run.info.run_id, int(time.time() * 1000)
+    params = [Param(k, str(v)[:500]) for k, v in flatten(cfg).items() if k.split(".")[0] in ("eval", "sampler", "model")]
+    metrics = [Metric(f"{t.prompt_set}/{judge_slug(t.clip_judge)}/{slug(r.label)}/{name}", v, now, 0)
+               for t in summary_tables(rows, methods) for r in t.rows
+               for name, v in (("dino", r.dino), ("clip_i", r.clip_i), ("clip_t", r.clip_t)) if math.isfinite(v)]
+    client.log_batch(rid, metrics=metrics[:1000], params=params[:100])
+    for path in paths.values():
+        client.log_artifact(rid, str(path))
+    if (out / "grids").is_dir():
+        client.log_artifacts(rid, str(out / "grids"), "grids")
+    client.set_terminated(rid)
+    return rid
+
+
+# ---------------------------------------------------------------------------------------
+# the report files
 
 
 def write_csv(rows: list[dict], path: str | Path) -> Path:
@@ -58,6 +236,7 @@ def read_csv(path: str | Path) -> list[dict]:
 
 
 def _mean(values: list[float]) -> tuple[float, int]:
+    """Mean of the finite values and how many there were (NaN, 0 when none)."""
     finite = [v for v in values if math.isfinite(v)]
     return (sum(finite) / len(finite), len(finite)) if finite else (math.nan, 0)
 
@@ -89,6 +268,7 @@ def summary_tables(rows: list[dict], methods: list[str] | None = None) -> list[T
 
 
 def _fmt(v: float) -> str:
+    """A table cell: 3 decimals, as the paper prints, or N/A."""
     return "N/A" if not math.isfinite(v) else f"{v:.3f}"
 
 

@@ -4,8 +4,8 @@
     python -m jobs.evaluate --config configs/demo.yaml --checkpoint path/to/ckpt [LABEL=path/to/ckpt ...]
 
 Each trained (subject, method) is found in MLflow (the latest FINISHED run of experiment
-`job.name` tagged `subject` and `method`; its `checkpoint` artifacts are downloaded under
-`<job.storage>/eval-checkpoints/`) or given as checkpoint folders (`LABEL=DIR` names the table
+`job.name` tagged `subject` and `method`; its `checkpoint` artifacts are read in place from a
+local artifact store, else downloaded under `<job.storage>/eval-checkpoints/`) or given as checkpoint folders (`LABEL=DIR` names the table
 row, e.g. an ablation). For each subject, `eval.images_per_prompt` images are sampled per
 prompt of the "specific" set (the subject's scenes, the paper's 15 by default) and/or the
 "unseen" set (the 25 DreamBooth prompts), image j of prompt i from seed (eval.seed, i, j) for
@@ -13,22 +13,23 @@ every method. A Ray Data actor pool does the work: each actor loads the base mod
 judges once, swaps subject weights in place and calls the shared `sample`, then embeds the
 images. The driver embeds the real photos and the prompts, scores, logs `eval/...` metrics
 and sample grids to each subject's run, writes scores.csv, table.md and scores.png to
-`eval.out` (or --out), logs them to an `evaluation` run, and prints the table.
+`eval.out` (or --out), logs them to an `evaluation` run, and prints the table. MLflow is the
+training job's backend: `MLFLOW_TRACKING_URI`, else `<job.storage>/mlflow.db` (`jobs.tracking`).
 Exit status: 0 when everything asked for was evaluated, 1 when something was missing or failed
 (the rest is still reported), 2 for a bad config or command line.
 """
 from __future__ import annotations
 
 import argparse
-import io
-import math
 import os
 import shutil
 import sys
 import time
+import urllib.parse
+import urllib.request
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -41,16 +42,16 @@ if __package__ in (None, ""):  # run as a script (python jobs/evaluate.py): make
 # ruff: noqa: E402  (the project imports follow the path fix above)
 
 from comfusion.checkpoint import CheckpointError, SubjectMeta, load_subject_weights_, verify_checkpoint
-from comfusion.config import ConfigError, JobConfig, flatten, load_config
-from comfusion.data import ImageError, load_image
-from comfusion.metrics import (EvalPrompt, ImageEmbeddings, Scorer, eval_seed, evaluation_plan, image_scores,
-                               real_images_scores, slug)
+from comfusion.config import ConfigError, JobConfig, load_config
+from comfusion.data import ImageError
+from comfusion.metrics import EvalPrompt, ImageEmbeddings, Scorer, eval_seed, evaluation_plan
 from comfusion.models import ModelNotFoundError, load_base
-from comfusion.sampling import default_dtype, image_grid, png_bytes, sample
-from jobs.eval_report import ALL, REAL, REAL_SET, summary_tables, write_report
+from comfusion.sampling import default_dtype, png_bytes, sample
+from jobs.eval_report import (GRID_IMAGES, Generated, embed_references, log_evaluation_run, log_to_subject_runs,
+                               sample_grids, score_target, write_report)
 
-GRID_IMAGES = 4  # images per prompt in the sample grids
 THUMB = 128  # grid thumbnails: at most this many pixels a side
+ITEM_BATCHES = 16  # sampler batches per work item: 256 images at eval.batch_size 16
 Progress = Callable[[str], None]
 
 
@@ -59,6 +60,7 @@ class EvalError(RuntimeError):
 
 
 def say(msg: str) -> None:
+    """Progress output of the job."""
     print(f"[evaluate] {msg}", flush=True)
 
 
@@ -77,15 +79,12 @@ class Target:
 
     @property
     def name(self) -> str:
+        """'subject/method', for progress lines."""
         return f"{self.subject}/{self.method}"
 
 
 # ---------------------------------------------------------------------------------------
 # finding what to evaluate
-
-
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
 
 
 def _subject_entry(cfg: JobConfig, meta: SubjectMeta) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -138,8 +137,21 @@ def latest_finished_runs(client, experiment_id: str) -> dict[tuple[str, str], ob
             return runs
 
 
-def fetch_checkpoint(client, run_id: str, root: Path) -> Path:
-    """The run's `checkpoint` artifacts in `root/<run_id>/checkpoint`, downloaded once, verified."""
+def local_artifact_dir(artifact_uri: str) -> Path | None:
+    """The folder of a run's artifacts when the store is a local file system, else None."""
+    parsed = urllib.parse.urlparse(artifact_uri)
+    if parsed.scheme == "file":
+        return Path(urllib.request.url2pathname(parsed.path))
+    return Path(artifact_uri) if parsed.scheme == "" else None
+
+
+def fetch_checkpoint(client, run, root: Path) -> Path:
+    """The run's `checkpoint` artifacts as a local folder: read in place from a local artifact store
+    (no copy of 2 GB per subject), else downloaded once to `root/<run_id>/checkpoint`."""
+    local = local_artifact_dir(run.info.artifact_uri)
+    if local is not None and (local / "checkpoint").is_dir():
+        return local / "checkpoint"  # verified by make_target
+    run_id = run.info.run_id
     folder = root / run_id / "checkpoint"
     if folder.is_dir():
         try:
@@ -150,10 +162,10 @@ def fetch_checkpoint(client, run_id: str, root: Path) -> Path:
     tmp = root / f".{run_id}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        local = Path(client.download_artifacts(run_id, "checkpoint", str(tmp)))
-        verify_checkpoint(local)
+        downloaded = Path(client.download_artifacts(run_id, "checkpoint", str(tmp)))
+        verify_checkpoint(downloaded)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(local, folder)
+        os.replace(downloaded, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
@@ -161,9 +173,11 @@ def fetch_checkpoint(client, run_id: str, root: Path) -> Path:
 
 def mlflow_targets(client, cfg: JobConfig, methods: list[str]) -> tuple[list[Target], list[str]]:
     """Targets for every configured subject (every tagged subject when none) and method."""
+    from jobs.tracking import tracking_uri  # noqa: PLC0415
+
     exp = client.get_experiment_by_name(cfg.job.name)
     if exp is None:
-        return [], [f"no MLflow experiment named {cfg.job.name!r} at {tracking_uri()}"]
+        return [], [f"no MLflow experiment named {cfg.job.name!r} at {tracking_uri(cfg.job.storage)}"]
     runs = latest_finished_runs(client, exp.experiment_id)
     subjects = [s.id for s in cfg.data.subjects] or sorted({s for s, _ in runs})
     targets, problems = [], []
@@ -174,7 +188,7 @@ def mlflow_targets(client, cfg: JobConfig, methods: list[str]) -> tuple[list[Tar
                 problems.append(f"{sid}/{method}: no FINISHED run in experiment {cfg.job.name!r}")
                 continue
             try:
-                folder = fetch_checkpoint(client, run.info.run_id, Path(cfg.job.storage) / "eval-checkpoints")
+                folder = fetch_checkpoint(client, run, Path(cfg.job.storage) / "eval-checkpoints")
                 targets.append(make_target(cfg, folder, method, run.info.run_id))
             except Exception as e:  # noqa: BLE001 - a missing artifact, a corrupt file: report, go on
                 problems.append(f"{sid}/{method} (run {run.info.run_id}): {type(e).__name__}: {e}")
@@ -185,13 +199,16 @@ def mlflow_targets(client, cfg: JobConfig, methods: list[str]) -> tuple[list[Tar
 # generation: work items, the actor, the pipeline
 
 
-def work_items(cfg: JobConfig, targets: list[Target], plans: list[list[EvalPrompt]]) -> list[dict]:
-    """Sampler batches of `eval.batch_size` images, never mixing subjects (one weight swap each)."""
-    items = []
+def work_items(cfg: JobConfig, targets: list[Target], plans: list[list[EvalPrompt]],
+               batches_per_item: int = ITEM_BATCHES) -> list[dict]:
+    """Work items of up to `batches_per_item` sampler batches of `eval.batch_size` images, never
+    mixing subjects: each item costs one weight swap (a 2 GB read and hash for SD 1.5), so items
+    are large enough to bury it, and small enough to spread the subjects over the actors."""
+    items, per_item = [], cfg.eval.batch_size * batches_per_item
     for t, (target, plan) in enumerate(zip(targets, plans)):
         images = [(p, j) for p in plan for j in range(cfg.eval.images_per_prompt)]
-        for k in range(0, len(images), cfg.eval.batch_size):
-            chunk = images[k:k + cfg.eval.batch_size]
+        for k in range(0, len(images), per_item):
+            chunk = images[k:k + per_item]
             items.append({"target": t, "checkpoint": target.checkpoint,
                           "prompt_set": [p.prompt_set for p, _ in chunk], "prompt_index": [p.index for p, _ in chunk],
                           "image_index": [j for _, j in chunk], "prompt": [p.prompt for p, _ in chunk],
@@ -244,6 +261,7 @@ class EvalWorker:
         return row
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A Ray Data batch of work items -> the rows of all their images."""
         rows = [self.process({k: v[i] for k, v in batch.items()}) for i in range(len(batch["target"]))]
         return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
 
@@ -273,7 +291,7 @@ def generate_ray(cfg: JobConfig, items: list[dict]) -> Iterable[dict]:
     opts = _actor_options(cfg, len(items))
     device, threads, size = opts.pop("device"), opts.pop("threads"), opts.pop("size")
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        EvalWorker, batch_size=1, batch_format="numpy",  # one row = one sampler batch of one subject
+        EvalWorker, batch_size=1, batch_format="numpy",  # one row = one work item of one subject
         fn_constructor_kwargs=dict(cfg=cfg, device=device, threads=threads),
         compute=ray.data.ActorPoolStrategy(size=size), **opts)
     yield from ds.iter_batches(batch_size=None, batch_format="numpy")
@@ -287,16 +305,7 @@ def generate_plain(cfg: JobConfig, items: list[dict], worker: EvalWorker | None 
 
 
 # ---------------------------------------------------------------------------------------
-# collecting and scoring
-
-
-@dataclass
-class Generated:
-    """What came back for one target, in (prompt set, prompt index, image index) order."""
-
-    keys: list[tuple[str, int, int]] = field(default_factory=list)
-    embeddings: ImageEmbeddings | None = None
-    thumbs: dict[tuple[str, int, int], bytes] = field(default_factory=dict)
+# collecting
 
 
 def collect(batches: Iterable[dict], clip_names: list[str], total: int, progress: Progress | None = say
@@ -322,149 +331,12 @@ def collect(batches: Iterable[dict], clip_names: list[str], total: int, progress
     return out
 
 
-def _row(target_or_subject, method, prompt_set, prompt, scene, score) -> dict:
-    return dict(subject=target_or_subject, method=method, prompt_set=prompt_set, prompt=prompt, scene=scene,
-                judge=score.judge, metric=score.metric, value=score.value)
-
-
-def score_target(target: Target, plan: list[EvalPrompt], gen: Generated, real: ImageEmbeddings,
-                 texts: dict[str, dict[str, torch.Tensor]], dino_judge: str) -> list[dict]:
-    """Per-prompt and per-set (`ALL`) scores of one target. `texts`: CLIP-T text -> judge -> (1, P)."""
-    by_key = {p.prompt_set + "\x00" + str(p.index): p for p in plan}
-    prompts = [by_key[f"{s}\x00{i}"] for s, i, _ in gen.keys]  # the prompt of each image
-    rows = []
-    for prompt_set in dict.fromkeys(p.prompt_set for p in plan):
-        for p in [p for p in plan if p.prompt_set == prompt_set]:
-            idx = [k for k, q in enumerate(prompts) if q is p]
-            for sc in image_scores(gen.embeddings.select(idx), real, texts[p.text], dino_judge):
-                rows.append(_row(target.subject, target.method, prompt_set, p.prompt, p.scene, sc))
-        idx = [k for k, q in enumerate(prompts) if q.prompt_set == prompt_set]
-        per_image = {j: torch.cat([texts[prompts[k].text][j] for k in idx]) for j in real.clip}  # (N, P)
-        rows += [_row(target.subject, target.method, prompt_set, ALL, "", sc)
-                 for sc in image_scores(gen.embeddings.select(idx), real, per_image, dino_judge)]
-    return rows
-
-
-def embed_references(cfg: JobConfig, targets: list[Target], plans: list[list[EvalPrompt]],
-                     progress: Progress | None = say) -> tuple[dict, dict, list[dict]]:
-    """Real-photo embeddings per subject, CLIP text embeddings per CLIP-T text, and the Real Images rows."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    scorer = Scorer.load(cfg.eval.dino, cfg.eval.clip_judges, seed=cfg.model.preset_seed, device=device,
-                         batch_size=cfg.eval.batch_size)
-    real, rows = {}, []
-    for t in targets:
-        if t.subject in real:
-            continue
-        photos = [np.asarray(load_image(p, min_side=1, max_pixels=cfg.data.max_pixels)) for p in t.photos]
-        real[t.subject] = scorer.embed_images(photos)
-        ri = real_images_scores(real[t.subject], scorer.dino_name)
-        if ri.reason and progress:
-            progress(f"{t.subject}: no Real Images score: {ri.reason}")
-        rows += [_row(t.subject, REAL, REAL_SET, ALL, "", sc) for sc in ri.scores if math.isfinite(sc.value)]
-    texts_list = sorted({p.text for plan in plans for p in plan})
-    emb = scorer.embed_texts(texts_list)
-    texts = {text: {j: emb[j][i:i + 1] for j in emb} for i, text in enumerate(texts_list)}
-    del scorer
-    if device == "cuda":
-        torch.cuda.empty_cache()  # the actors may share this GPU
-    return real, texts, rows
-
-
-# ---------------------------------------------------------------------------------------
-# grids and MLflow
-
-
-def sample_grids(targets: list[Target], plans: list[list[EvalPrompt]], generated: dict[int, Generated],
-                 out: Path) -> dict[int, dict[str, Path]]:
-    """One PNG per (target, prompt set): a row per prompt, its first GRID_IMAGES images."""
-    grids: dict[int, dict[str, Path]] = defaultdict(dict)
-    for t, (target, plan) in enumerate(zip(targets, plans)):
-        gen = generated.get(t)
-        for prompt_set in dict.fromkeys(p.prompt_set for p in plan):
-            rows = [[np.asarray(Image.open(io.BytesIO(gen.thumbs[(prompt_set, p.index, j)])))
-                     for j in range(GRID_IMAGES) if (prompt_set, p.index, j) in gen.thumbs]
-                    for p in plan if p.prompt_set == prompt_set] if gen else []
-            cols = max((len(r) for r in rows), default=0)
-            if not cols:
-                continue
-            blank = np.zeros_like(rows[0][0])
-            tiles = np.stack([im for r in rows for im in r + [blank] * (cols - len(r))])
-            path = out / "grids" / f"{slug(target.subject)}--{slug(target.method)}--{prompt_set}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image_grid(tiles, cols)).save(path)
-            grids[t][prompt_set] = path
-    return grids
-
-
-def judge_slug(name: str) -> str:
-    """'openai/clip-vit-large-patch14' -> 'clip-vit-large-patch14' (a metric-key part)."""
-    return slug(Path(name.rstrip("/")).name or name)
-
-
-def metric_key(row: dict, first_set: str, first_clip: str) -> str | None:
-    """The MLflow key of a score row, or None for rows not logged as run metrics (per-prompt DINO / CLIP-I).
-
-    eval/dino, eval/clip_i, eval/clip_t: first prompt set, first CLIP judge; other judges
-    eval/<judge-slug>/clip_i; other sets eval/<set>/...; per scene eval/clip_t/<scene-slug>.
-    """
-    parts = ["eval"] + ([row["prompt_set"]] if row["prompt_set"] != first_set else [])
-    if row["metric"] != "dino" and row["judge"] != first_clip:
-        parts.append(judge_slug(row["judge"]))
-    parts.append(row["metric"])
-    if row["prompt"] != ALL:
-        if row["metric"] != "clip_t":
-            return None
-        parts.append(slug(row["scene"]))
-    return "/".join(parts)
-
-
-def log_to_subject_runs(client, cfg: JobConfig, targets: list[Target], rows: list[dict],
-                        grids: dict[int, dict[str, Path]]) -> int:
-    """`eval/...` metrics and the sample grids into each target's own run; returns runs logged."""
-    from mlflow.entities import Metric  # noqa: PLC0415
-
-    now, logged = int(time.time() * 1000), 0
-    for t, target in enumerate(targets):
-        if target.run_id is None:
-            continue
-        mine = [r for r in rows if r["subject"] == target.subject and r["method"] == target.method]
-        keys = {metric_key(r, cfg.eval.prompt_sets[0], cfg.eval.clip_judges[0]): r["value"] for r in mine}
-        metrics = [Metric(k, float(v), now, 0) for k, v in keys.items() if k and math.isfinite(v)]
-        for k in range(0, len(metrics), 500):  # MLflow's batch limit is 1000 metrics
-            client.log_batch(target.run_id, metrics=metrics[k:k + 500])
-        for prompt_set, path in grids.get(t, {}).items():
-            client.log_image(target.run_id, np.asarray(Image.open(path)), artifact_file=f"eval/{prompt_set}.png")
-        logged += 1
-    return logged
-
-
-def log_evaluation_run(client, cfg: JobConfig, rows: list[dict], paths: dict, out: Path,
-                       methods: list[str]) -> str:
-    """An `evaluation` run in experiment `job.name`: the eval settings, the table cells, the report files."""
-    from mlflow.entities import Metric, Param  # noqa: PLC0415
-
-    exp = client.get_experiment_by_name(cfg.job.name)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.job.name)
-    run = client.create_run(exp_id, run_name="evaluation", tags={"kind": "evaluation"})
-    rid, now = run.info.run_id, int(time.time() * 1000)
-    params = [Param(k, str(v)[:500]) for k, v in flatten(cfg).items() if k.split(".")[0] in ("eval", "sampler", "model")]
-    metrics = [Metric(f"{t.prompt_set}/{judge_slug(t.clip_judge)}/{slug(r.label)}/{name}", v, now, 0)
-               for t in summary_tables(rows, methods) for r in t.rows
-               for name, v in (("dino", r.dino), ("clip_i", r.clip_i), ("clip_t", r.clip_t)) if math.isfinite(v)]
-    client.log_batch(rid, metrics=metrics[:1000], params=params[:100])
-    for path in paths.values():
-        client.log_artifact(rid, str(path))
-    if (out / "grids").is_dir():
-        client.log_artifacts(rid, str(out / "grids"), "grids")
-    client.set_terminated(rid)
-    return rid
-
-
 # ---------------------------------------------------------------------------------------
 # the entry point
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (see the module docstring, also printed by --help)."""
     ap = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="job config YAML (default: the built-in defaults)")
@@ -480,6 +352,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Find the checkpoints, generate and embed on Ray, score, report, log; returns the exit status."""
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
@@ -494,7 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_mlflow:
         from mlflow import MlflowClient  # noqa: PLC0415
 
-        client = MlflowClient(tracking_uri=tracking_uri())
+        from jobs.tracking import tracking_uri  # noqa: PLC0415  (the training job's backend)
+
+        client = MlflowClient(tracking_uri=tracking_uri(cfg.job.storage))
     methods = args.methods or list(cfg.job.methods)
     targets, problems = (folder_targets(cfg, args.checkpoint) if args.checkpoint
                          else mlflow_targets(client, cfg, methods))
@@ -509,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"{len(targets)} subject checkpoint(s): {', '.join(t.name for t in targets)}; {n_images} images; "
         f"DINO judge {cfg.eval.dino}; CLIP judges {', '.join(cfg.eval.clip_judges)}")
     try:
-        real, texts, rows = embed_references(cfg, targets, plans)
+        real, texts, rows = embed_references(cfg, targets, plans, progress=say)
         items = work_items(cfg, targets, plans)
         batches = generate_plain(cfg, items) if args.no_ray else generate_ray(cfg, items)
         clip_names = list(dict.fromkeys(cfg.eval.clip_judges))
@@ -526,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     if client is not None:
         n_runs = log_to_subject_runs(client, cfg, targets, rows, grids)
         rid = log_evaluation_run(client, cfg, rows, paths, out, order)
-        say(f"logged eval metrics to {n_runs} subject run(s) and the report to run {rid} ({tracking_uri()})")
+        say(f"logged eval metrics to {n_runs} subject run(s) and the report to run {rid} ({client.tracking_uri})")
     say(f"wrote {', '.join(str(p) for p in paths.values())}")
     print(table)
     return 1 if problems else 0

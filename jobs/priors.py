@@ -146,7 +146,7 @@ def make_priors(cfg: JobConfig, class_nouns: list[str], storage: str | os.PathLi
         if left:
             raise PriorCacheError(f"priors for {noun!r}: {len(left)} still missing after generation")
         reports[noun] = PriorReport(plan.class_noun, plan.key, str(cache.folder), made.get(plan.key, 0),
-                                    plan.count - len(missing))
+                                    plan.count - len(missing), plan.scenes)
         if progress:
             progress(reports[noun].line())
     return reports

@@ -133,11 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     if subjects:
         import ray  # noqa: PLC0415
 
-        from jobs.train_worker import default_env  # noqa: PLC0415
-
         storage = Path(cfg.job.storage).resolve()
         if not ray.is_initialized():
-            ray.init(address=args.address, runtime_env={"env_vars": default_env()}, log_to_driver=True)
+            # Inside `ray job submit` this joins the job's cluster (and its runtime env); alone it
+            # starts a local one whose workers inherit this environment.
+            ray.init(address=args.address, log_to_driver=True)
         use_gpu = cfg.job.use_gpu == "yes" or (cfg.job.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
         priors = make_all_priors(cfg, subjects, storage)
         runs = plan_runs(cfg, subjects, priors, storage, use_gpu)

@@ -6,7 +6,6 @@ MLflow logging through the trainer's callbacks. The algorithm is `comfusion.trai
 """
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -127,10 +126,3 @@ def _end_run(run: SubjectRun, status: str) -> None:
 def tune_trial(config: dict, runs: list[SubjectRun]) -> None:
     """A Tune trial: one (subject, method) — Tune runs as many at once as there is room for."""
     ray.tune.report(fit_subject(runs[config["index"]]))
-
-
-def default_env() -> dict:
-    """Environment the workers need (model cache, hub access) copied from the driver."""
-    keys = ("COMFUSION_CACHE", "HF_HUB_OFFLINE", "HF_HOME", "MLFLOW_TRACKING_URI", "OMP_NUM_THREADS",
-            "TOKENIZERS_PARALLELISM")
-    return {k: os.environ[k] for k in keys if k in os.environ}

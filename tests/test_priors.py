@@ -247,7 +247,7 @@ def test_ray_second_run_generates_nothing(ray_run, no_ray_data, capsys):
     assert all((r.generated, r.reused) == (0, 6) for r in again.values())
     assert no_ray_data == []
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines == [f"priors for '{n}': generated 0, reused 6 (key {first[n].key}, {first[n].folder})"
+    assert lines == [f"priors for '{n}' (3 scenes): generated 0, reused 6 (key {first[n].key}, {first[n].folder})"
                      for n in CLASSES]
 
 
