@@ -14,6 +14,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # One torch thread per process: with 2 cores shared by Ray workers, more threads oversubscribe
 # them badly (and thread count changes float rounding, so results stay reproducible).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Tests start their own local Ray cluster even when `make demo` left one running.
+os.environ.setdefault("RAY_ADDRESS", "local")
 os.environ.setdefault("COMFUSION_CACHE", str(REPO / ".cache" / "comfusion-test"))
 
 
