@@ -6,6 +6,8 @@ MLflow logging through the trainer's callbacks. The algorithm is `comfusion.trai
 """
 from __future__ import annotations
 
+import os
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -67,6 +69,8 @@ def train_loop_per_worker(config: dict) -> None:
     subject = check_subject(run.spec, cfg.data, cfg.model.resolution)
     priors = read_priors(run.priors_dir)
     logger = RunLogger(run.tracking_uri, run.run_id)
+    # which process trains this run, for operators (and the fault test)
+    logger.client.set_tag(run.run_id, "worker", f"{socket.gethostname()}:{os.getpid()}")
     trainer = SubjectTrainer(cfg, subject, priors, device=ray.train.torch.get_device(),
                              callbacks=[logger, _Reporter(logger)])
     checkpoint = ray.train.get_checkpoint()

@@ -70,23 +70,23 @@ def test_two_subjects_and_a_bad_one(cluster, tmp_path, capsys):
 def test_worker_killed_after_a_checkpoint_resumes(cluster, tmp_path):
     write_demo_subjects(tmp_path / "subjects")
     one = "[{id: red-ball, class_noun: ball, images: [red-ball/00.png]}]"
-    args = _args(tmp_path, "--set", f"data.subjects={one}", "--set", "train.steps=12",
+    args = _args(tmp_path, "--set", f"data.subjects={one}", "--set", "train.steps=40",
                  "--set", "train.checkpoint_every=2", "--set", "train.validate_every=0",
                  "--set", "job.max_failures=2", "--set", "job.name=fault")
     result = []
     job = threading.Thread(target=lambda: result.append(train_many.main(args)))
     job.start()
-    killed = _kill_worker_after_first_checkpoint(tmp_path / "storage" / "ray_results", timeout=300)
+    killed = _kill_worker_after_first_checkpoint(tmp_path / "storage", timeout=300)
     job.join(timeout=600)
     assert killed and result == [0]
     client = _client(tmp_path)
     runs = client.search_runs([client.get_experiment_by_name("fault").experiment_id])
     assert len(runs) == 1  # the restarted worker logged into the same run
     run = runs[0]
-    assert int(run.data.tags["resumed_from_step"]) >= 2
-    assert run.data.metrics["final/step"] == 12
+    assert 2 <= int(run.data.tags["resumed_from_step"]) < 40  # killed mid-run, resumed from a checkpoint
+    assert run.data.metrics["final/step"] == 40
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss/total")]
-    assert steps == list(range(1, 13))  # every step once, none twice
+    assert steps == list(range(1, 41))  # every step once, none twice
     mv = client.get_model_version_by_alias("red-ball", "serving")
     assert mv.run_id == run.info.run_id
     assert len(client.search_model_versions("name = 'red-ball'")) == 1
@@ -94,17 +94,27 @@ def test_worker_killed_after_a_checkpoint_resumes(cluster, tmp_path):
     assert verify_checkpoint(ckpt).id == "red-ball"
 
 
-def _kill_worker_after_first_checkpoint(results: Path, timeout: float) -> bool:
-    """SIGKILL the Ray Train worker process once it has reported a checkpoint."""
-    import psutil
+def _kill_worker_after_first_checkpoint(storage: Path, timeout: float) -> bool:
+    """SIGKILL the Ray Train worker process once the controller has registered a checkpoint.
+
+    A checkpoint folder exists as soon as the worker writes it, but only a checkpoint in the
+    controller's snapshot is handed to a restarted worker. The worker names its process in the
+    run's `worker` tag.
+    """
+    import json
 
     deadline = time.time() + timeout
+    client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
     while time.time() < deadline:
-        # the second checkpoint folder exists only once the first one is registered
-        if len(list(results.glob("red-ball-*/checkpoint_*"))) >= 2:
-            for p in psutil.process_iter(["pid", "cmdline"]):
-                if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
-                    os.kill(p.info["pid"], signal.SIGKILL)
-                    return True
+        for snap in (storage / "ray_results").glob("red-ball-*/checkpoint_manager_snapshot.json"):
+            try:
+                registered = json.loads(snap.read_text()).get("checkpoint_results")
+            except (OSError, ValueError):
+                registered = None
+            runs = client.search_runs([client.get_experiment_by_name("fault").experiment_id]) if registered else []
+            worker = runs[0].data.tags.get("worker") if runs else None
+            if worker:
+                os.kill(int(worker.rsplit(":", 1)[1]), signal.SIGKILL)
+                return True
         time.sleep(0.2)
     return False
