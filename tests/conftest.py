@@ -19,6 +19,16 @@ os.environ.setdefault("RAY_ADDRESS", "local")
 os.environ.setdefault("COMFUSION_CACHE", str(REPO / ".cache" / "comfusion-test"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """One intra-op thread in the test process too (as in each 1-CPU Ray actor): on 2 shared cores
+    two spinning threads ran tiny steps ~50x slower, and the plain loops then match the pipelines."""
+    import torch
+
+    torch.set_num_threads(1)
+    yield
+
+
 @pytest.fixture(scope="session")
 def tiny_base():
     from comfusion.models import load_base

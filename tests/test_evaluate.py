@@ -28,15 +28,6 @@ EXPERIMENT = "evaltest"
 METRICS_PER_GROUP = 5  # dino + (clip_i, clip_t) x 2 CLIP judges
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread here, as in each Ray actor (1 CPU): the plain loop then matches the pipeline."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @dataclass
 class World:
     root: Path

@@ -22,14 +22,6 @@ DREAMBOOTH = Path(__file__).parents[2] / "shared/datasets/dreambooth"
 R2 = 1 / math.sqrt(2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def scorer():
     return Scorer.load("tiny", ["tiny"], batch_size=4)

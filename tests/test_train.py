@@ -25,15 +25,6 @@ SCENES = ("in the snow", "on the grass")
 TERMS = {"instance", "class_scene", "fusion_instance", "fusion_scene", "total"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on 2 shared cores, 2 spinning threads ran the tiny steps ~50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --------------------------------------------------------------------------------------
 # fixtures: one tiny subject (two 64x64 PNGs), four class-scene priors sampled like the cache
 
