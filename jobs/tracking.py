@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import mlflow
@@ -79,7 +80,7 @@ class RunLogger:
     def on_step(self, step: int, terms: dict[str, float], lr: float) -> None:
         if step <= self.logged_until:
             return
-        ts = int(__import__("time").time() * 1000)
+        ts = int(time.time() * 1000)
         self.pending += [Metric(f"loss/{k}", float(terms.get(k, 0.0)), ts, step) for k in LOSS_KEYS]
         self.pending.append(Metric("lr", float(lr), ts, step))
 
