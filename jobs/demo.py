@@ -105,12 +105,13 @@ def main(argv: list[str] | None = None) -> int:
 
     photos = STORAGE / "demo_subjects"
     write_demo_subjects(photos)
-    ids = [s.id for s in load_config(REPO / args.config).data.subjects]
+    cfg = load_config(REPO / args.config)
+    ids = [s.id for s in cfg.data.subjects]
     sh("bash", "cluster/start_local.sh", str(STORAGE), env=cluster_env())
     submit_training(args.config, photos)
     deploy_app()
     wait_for_subjects(ids)
-    scene = load_config(REPO / args.config).data.scenes[0]
+    scene = cfg.data.scenes[0]
     ask_for_images(ids, scene, Path(args.out))
     print(f"""
 Ray dashboard:  http://127.0.0.1:8265

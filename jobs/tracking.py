@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 
 from comfusion.config import JobConfig, flatten
 
@@ -108,10 +108,3 @@ class RunLogger:
         if method == "comfusion" or not self.client.get_registered_model(subject_id).aliases.get("serving"):
             self.client.set_registered_model_alias(subject_id, "serving", version)
         return version
-
-    def end(self, status: str) -> None:
-        self.client.set_terminated(self.run_id, status=status)
-
-
-def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
-    MlflowClient(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
