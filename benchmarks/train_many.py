@@ -23,7 +23,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _subjects_yaml(k: int) -> str:
-    ids = ["red-ball", "blue-cube"]
+    from jobs.demo_subjects import DEMO_SUBJECTS
+
+    ids = list(DEMO_SUBJECTS)
     return "[" + ", ".join(f"{{id: s{i}, class_noun: ball, images: [{ids[i % 2]}/00.png]}}" for i in range(k)) + "]"
 
 
@@ -32,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=2, help="subjects trained at once (and trainer slots)")
     ap.add_argument("--steps", type=int, default=30, help="training steps per subject")
     ap.add_argument("--config", default=str(Path(__file__).parents[1] / "configs" / "demo.yaml"))
+    ap.add_argument("--model", default="tiny", help="base model and judges (the demo's own is `toy`)")
     ap.add_argument("--cpus-per-trainer", type=float, default=1.0, help="CPU slots per trainer without GPUs")
     args = ap.parse_args(argv)
 
@@ -47,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-many-"))
     write_demo_subjects(tmp / "subjects")
     base = ["--set", f"data.root={tmp / 'subjects'}", "--set", f"job.storage={tmp / 'storage'}",
+            "--set", f"model.base={args.model}", "--set", f"model.dino={args.model}", "--set", f"model.clip={args.model}",
+            "--set", "train.num_instance_images=1",
             "--set", f"train.steps={args.steps}", "--set", "train.validate_every=0",
             "--set", f"train.checkpoint_every={max(1, args.steps // 3)}", "--set", "job.methods=[comfusion]",
             "--set", f"job.cpus_per_trainer={args.cpus_per_trainer}"]

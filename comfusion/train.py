@@ -3,7 +3,7 @@
 Reads top to bottom: what a trainer takes (`Priors`, callbacks), the trainer (set-up, one
 step, the loop, resumable state, the published checkpoint), `train_subject`, and the CLI:
 
-    python -m comfusion.train --config configs/demo.yaml --subject red-ball --set train.steps=4
+    python -m comfusion.train --config configs/demo.yaml --subject yellow-ball --set train.steps=4
 
 Every random draw of training (which instance image, which prior, timesteps, noise) comes
 from one seeded CPU `torch.Generator`, saved with the state, so a run is reproducible and a

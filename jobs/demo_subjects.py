@@ -1,63 +1,53 @@
-"""Procedural photos of the demo subjects (the project ships no photos).
+"""Photos of the demo subjects (the project ships no photos): instances of the toy world.
 
-Each subject is a fixed object — a shape with a colour and a surface pattern that no caption
-word names — drawn on a plain background from a few viewpoints (position, size, rotation).
+Each subject is one fixed object of `comfusion.world` (a class noun, a named colour, and a
+pattern and marks that no caption word names), photographed from a few views on the world's
+one photo background, "in the room", at the toy model's 32x32. The instance seeds are in the
+held-out range, so the pretrained `toy` model never saw these objects: only their photos can
+teach them, and `world.instance_distance` / `world.scene_of` judge what the app draws.
 """
 from __future__ import annotations
 
 import argparse
-import math
-import random
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image
+
+from comfusion import world
 
 DEMO_SUBJECTS = {
-    # id: (shape, body colour, pattern colour, number of photos)
-    "red-ball": ("ball", (200, 40, 40), (250, 220, 60), 2),
-    "blue-cube": ("cube", (40, 70, 200), (240, 240, 240), 1),
+    # id: (instance seed, class noun, number of photos); the id names the colour the seed gives
+    "yellow-ball": (world.HELD_OUT_SEED_START + 1, "ball", 3),  # light dots, one black mark
+    "blue-box": (world.HELD_OUT_SEED_START + 7, "box", 3),  # light checks, one black mark
 }
 
 
-def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
-    corners = 4 if shape == "cube" else 48
-    return [(cx + r * math.cos(angle + 2 * math.pi * k / corners), cy + r * math.sin(angle + 2 * math.pi * k / corners))
-            for k in range(corners)]
+def demo_instance(subject_id: str) -> world.Instance:
+    """The toy-world instance a demo subject's photos show."""
+    seed, class_noun, _ = DEMO_SUBJECTS[subject_id]
+    return world.make_instance(seed, class_noun)
 
 
-def render_subject(shape: str, body, pattern, view: int, size: int = 128) -> Image.Image:
-    rng = random.Random(view)
-    img = Image.new("RGB", (size, size), (235, 232, 225))
-    draw = ImageDraw.Draw(img)
-    cx, cy = size * (0.45 + 0.1 * rng.random()), size * (0.45 + 0.1 * rng.random())
-    r = size * (0.28 + 0.05 * rng.random())
-    angle = rng.random() * math.pi / 2
-    draw.polygon(_polygon(shape, cx, cy, r, angle), fill=body)
-    # the instance's own marks: three dots at fixed places on the body
-    for k in range(3):
-        a = angle + 2.1 * k
-        px, py = cx + 0.45 * r * math.cos(a), cy + 0.45 * r * math.sin(a)
-        draw.ellipse([px - r * 0.12, py - r * 0.12, px + r * 0.12, py + r * 0.12], fill=pattern)
-    return img
-
-
-def write_demo_subjects(folder: str | Path, size: int = 128) -> dict[str, list[Path]]:
-    """Write <folder>/<id>/<nn>.png for every demo subject; returns the paths."""
+def write_demo_subjects(folder: str | Path, size: int = world.DEFAULT_SIZE) -> dict[str, list[Path]]:
+    """Write <folder>/<id>/<nn>.png (size x size) for every demo subject; returns the paths."""
     out: dict[str, list[Path]] = {}
-    for sid, (shape, body, pattern, n) in DEMO_SUBJECTS.items():
+    for sid, (_, _, n) in DEMO_SUBJECTS.items():
+        instance = demo_instance(sid)
         (Path(folder) / sid).mkdir(parents=True, exist_ok=True)
         out[sid] = []
-        for view in range(n):
-            p = Path(folder) / sid / f"{view:02d}.png"
-            render_subject(shape, body, pattern, view, size).save(p)
+        for i, pixels in enumerate(world.instance_photos(instance, n, size)):
+            p = Path(folder) / sid / f"{i:02d}.png"
+            Image.fromarray(pixels).save(p)
             out[sid].append(p)
     return out
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Render the demo subjects' photos.")
+    ap = argparse.ArgumentParser(description="Write the demo subjects' photos (toy-world instances "
+                                             "'in the room'), one subfolder per subject.")
     ap.add_argument("folder", help="output folder (one subfolder per subject)")
-    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--size", type=int, default=world.DEFAULT_SIZE,
+                    help="photo side in pixels (default: the toy model's %(default)s)")
     a = ap.parse_args()
     for sid, paths in write_demo_subjects(a.folder, a.size).items():
         print(f"{sid}: {len(paths)} photos in {Path(a.folder) / sid}")

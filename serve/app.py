@@ -68,7 +68,7 @@ def load_tokenizer(base: str, seed: int = 0) -> CLIPTokenizer:
 
 
 def model_id(record: SubjectRecord) -> str:
-    """The multiplexed model id of a subject version, e.g. `red-ball@v3`."""
+    """The multiplexed model id of a subject version, e.g. `yellow-ball@v3`."""
     return f"{record.id}@v{record.version}"
 
 

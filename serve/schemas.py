@@ -38,7 +38,7 @@ def _text(value: str | None) -> str | None:
     return value
 
 
-SubjectId = Annotated[str, Field(max_length=64, description="the subject id, e.g. 'red-ball'"),
+SubjectId = Annotated[str, Field(max_length=64, description="the subject id, e.g. 'yellow-ball'"),
                       AfterValidator(_subject_id)]
 Scene = Annotated[str, Field(max_length=MAX_SCENE_CHARS), AfterValidator(_text)]
 Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS), AfterValidator(_text)]

@@ -28,8 +28,10 @@ def cluster():
 
 
 def _args(tmp, *extra):
+    # the tiny model, not the demo's toy: these tests check the Ray path, not the pictures
     return ["--config", str(DEMO), "--set", f"data.root={tmp / 'subjects'}", "--set", f"job.storage={tmp / 'storage'}",
-            "--set", "priors.count=4", "--set", "sampler.steps=2", "--set", "job.methods=[comfusion]",
+            "--set", "model.base=tiny", "--set", "model.dino=tiny", "--set", "model.clip=tiny",
+            "--set", "train.num_instance_images=1", "--set", "priors.count=4", "--set", "sampler.steps=2", "--set", "job.methods=[comfusion]",
             "--set", "job.cpus_per_trainer=1.0", *extra]
 
 
@@ -40,8 +42,8 @@ def _client(tmp):
 def test_two_subjects_and_a_bad_one(cluster, tmp_path, capsys):
     write_demo_subjects(tmp_path / "subjects")
     (tmp_path / "subjects" / "broken.png").write_text("not an image")
-    bad = ("[{id: red-ball, class_noun: ball, images: [red-ball/00.png]},"
-           " {id: blue-cube, class_noun: cube, identifier: zwx, images: [blue-cube/00.png]},"
+    bad = ("[{id: yellow-ball, class_noun: ball, images: [yellow-ball/00.png]},"
+           " {id: blue-box, class_noun: box, identifier: zwx, images: [blue-box/00.png]},"
            " {id: broken, class_noun: ball, images: [broken.png]}]")
     code = train_many.main(_args(tmp_path, "--set", f"data.subjects={bad}", "--set", "train.steps=4",
                                  "--set", "train.checkpoint_every=2", "--set", "train.validate_every=2"))
@@ -51,7 +53,7 @@ def test_two_subjects_and_a_bad_one(cluster, tmp_path, capsys):
     client = _client(tmp_path)
     exp = client.get_experiment_by_name("demo")
     runs = client.search_runs([exp.experiment_id])
-    assert sorted(r.data.tags["subject"] for r in runs) == ["blue-cube", "red-ball"]  # ... the good ones train
+    assert sorted(r.data.tags["subject"] for r in runs) == ["blue-box", "yellow-ball"]  # ... the good ones train
     for r in runs:
         assert r.info.status == "FINISHED" and r.data.tags["method"] == "comfusion"
         assert r.data.params["train.steps"] == "4" and r.data.params["method"] == "comfusion"
@@ -63,13 +65,13 @@ def test_two_subjects_and_a_bad_one(cluster, tmp_path, capsys):
         subject = r.data.tags["subject"]
         mv = client.get_model_version_by_alias(subject, "serving")
         assert mv.run_id == r.info.run_id and mv.tags["class_noun"] == r.data.tags["class_noun"]
-    for line in ("red-ball", "blue-cube"):
+    for line in ("yellow-ball", "blue-box"):
         assert any(line in row and " ok " in row for row in out.out.splitlines())
 
 
 def test_worker_killed_after_a_checkpoint_resumes(cluster, tmp_path):
     write_demo_subjects(tmp_path / "subjects")
-    one = "[{id: red-ball, class_noun: ball, images: [red-ball/00.png]}]"
+    one = "[{id: yellow-ball, class_noun: ball, images: [yellow-ball/00.png]}]"
     args = _args(tmp_path, "--set", f"data.subjects={one}", "--set", "train.steps=40",
                  "--set", "train.checkpoint_every=2", "--set", "train.validate_every=0",
                  "--set", "job.max_failures=2", "--set", "job.name=fault")
@@ -87,11 +89,11 @@ def test_worker_killed_after_a_checkpoint_resumes(cluster, tmp_path):
     assert run.data.metrics["final/step"] == 40
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss/total")]
     assert steps == list(range(1, 41))  # every step once, none twice
-    mv = client.get_model_version_by_alias("red-ball", "serving")
+    mv = client.get_model_version_by_alias("yellow-ball", "serving")
     assert mv.run_id == run.info.run_id
-    assert len(client.search_model_versions("name = 'red-ball'")) == 1
-    ckpt = tmp_path / "storage" / "checkpoints" / "fault" / "red-ball" / "comfusion" / run.info.run_id
-    assert verify_checkpoint(ckpt).id == "red-ball"
+    assert len(client.search_model_versions("name = 'yellow-ball'")) == 1
+    ckpt = tmp_path / "storage" / "checkpoints" / "fault" / "yellow-ball" / "comfusion" / run.info.run_id
+    assert verify_checkpoint(ckpt).id == "yellow-ball"
 
 
 def _kill_worker_after_first_checkpoint(storage: Path, timeout: float) -> bool:
@@ -106,7 +108,7 @@ def _kill_worker_after_first_checkpoint(storage: Path, timeout: float) -> bool:
     deadline = time.time() + timeout
     client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
     while time.time() < deadline:
-        for snap in (storage / "ray_results").glob("red-ball-*/checkpoint_manager_snapshot.json"):
+        for snap in (storage / "ray_results").glob("yellow-ball-*/checkpoint_manager_snapshot.json"):
             try:
                 registered = json.loads(snap.read_text()).get("checkpoint_results")
             except (OSError, ValueError):
