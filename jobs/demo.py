@@ -1,9 +1,11 @@
-"""`make demo`: the whole product on one CPU machine, on the built-in default model.
+"""`make demo`: the whole product on one CPU machine, on the committed `toy` model.
 
-1. renders the demo subjects' photos (the project ships none),
+1. writes the demo subjects' photos (toy-world objects the model never saw; no photos ship),
 2. starts a local Ray head and an MLflow server (cluster/start_local.sh),
 3. submits jobs/train_many.py with `ray job submit` (priors on Ray Data, training on Ray Train),
-4. deploys the Serve app (configs/serve.yaml) and asks it for one image per demo subject,
+4. deploys the Serve app (configs/serve.yaml, on the job's base model) and asks it for each demo
+   subject in a few of the job's scenes: demo_out/<id>.png, and demo_out/demo.png (photo, then
+   the app's pictures, enlarged),
 then leaves Ray, MLflow and the app running. `make stop` (this script with --stop) stops them.
 Running it again reuses the priors and adds new runs.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import io
 import json
 import os
 import subprocess
@@ -20,7 +23,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import yaml
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 STORAGE = REPO / "storage"
@@ -51,10 +56,12 @@ def submit_training(config: str, photos: Path) -> None:
        "--set", f"data.root={photos}", "--set", f"job.storage={STORAGE}", env=cluster_env())
 
 
-def deploy_app() -> None:
+def deploy_app(job_cfg) -> None:
     cfg = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
     app = cfg["applications"][0]
-    app["args"].update(tracking_uri=MLFLOW_URI, cache_dir=str(STORAGE / "serve-cache"), default_steps=10)
+    # the subjects' base model, not serve.yaml's default: their weights only fit the model they came from
+    app["args"].update(base=job_cfg.model.base, preset_seed=job_cfg.model.preset_seed, tracking_uri=MLFLOW_URI,
+                       cache_dir=str(STORAGE / "serve-cache"), default_steps=job_cfg.sampler.steps)
     app["runtime_env"] = {"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "COMFUSION_CACHE")
                                        if k in os.environ}}
     path = STORAGE / "run" / "serve-demo.yaml"
@@ -82,13 +89,38 @@ def wait_for_subjects(ids: list[str], timeout: float = 300) -> None:
     raise TimeoutError(f"the Serve app did not list {ids} within {timeout:.0f} s (see `serve status`)")
 
 
-def ask_for_images(ids: list[str], scene: str, out: Path) -> None:
+def ask_for_images(ids: list[str], scenes: list[str], job_cfg, out: Path) -> dict[str, list[np.ndarray]]:
+    """One picture per (subject, scene) from the app; the first scene's is saved as <out>/<id>.png."""
     out.mkdir(parents=True, exist_ok=True)
+    pictures: dict[str, list[np.ndarray]] = {}
     for sid in ids:
-        res = http("POST", f"{APP_URL}/v1/generate", {"subject": sid, "scene": scene, "seed": 0, "steps": 10})
-        path = out / f"{sid}.png"
-        path.write_bytes(base64.b64decode(res["images"][0]))
-        print(f"{sid}: '{res['prompt']}' -> {path}")
+        pictures[sid] = []
+        for scene in scenes:
+            res = http("POST", f"{APP_URL}/v1/generate",
+                       {"subject": sid, "scene": scene, "seed": 0, "steps": job_cfg.sampler.steps,
+                        "guidance_scale": job_cfg.sampler.guidance_scale})
+            png = base64.b64decode(res["images"][0])
+            pictures[sid].append(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
+            if scene == scenes[0]:
+                (out / f"{sid}.png").write_bytes(png)
+            print(f"{sid}: '{res['prompt']}'")
+    return pictures
+
+
+def side_by_side(photos: dict[str, Path], pictures: dict[str, list[np.ndarray]], scenes: list[str], path: Path,
+                 zoom: int = 4) -> None:
+    """One row per subject: its first photo, a gap, then the app's pictures; enlarged `zoom` times
+    with nearest-neighbour so the 32x32 pixels stay visible."""
+    rows = []
+    for sid, images in pictures.items():
+        photo = np.asarray(Image.open(photos[sid]).convert("RGB"))
+        gap = np.full((photo.shape[0], photo.shape[1] // 4, 3), 255, np.uint8)
+        rows.append(np.concatenate([photo, gap, *images], axis=1))
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    grid = np.concatenate(rows, axis=0)
+    Image.fromarray(grid).resize((grid.shape[1] * zoom, grid.shape[0] * zoom), Image.Resampling.NEAREST).save(path)
+    print(f"side by side (photo | {', '.join(scenes)}) -> {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,21 +137,23 @@ def main(argv: list[str] | None = None) -> int:
 
     photos = STORAGE / "demo_subjects"
     write_demo_subjects(photos)
-    cfg = load_config(REPO / args.config)
+    cfg = load_config(REPO / args.config, [f"data.root={photos}"])
     ids = [s.id for s in cfg.data.subjects]
     sh("bash", "cluster/start_local.sh", str(STORAGE), env=cluster_env())
     submit_training(args.config, photos)
-    deploy_app()
+    deploy_app(cfg)
     wait_for_subjects(ids)
-    scene = cfg.data.scenes[0]
-    ask_for_images(ids, scene, Path(args.out))
+    scenes = list(cfg.data.scenes[:3])
+    scene = scenes[0]
+    pictures = ask_for_images(ids, scenes, cfg, Path(args.out))
+    side_by_side({s.id: Path(s.images[0]) for s in cfg.data.subjects}, pictures, scenes, Path(args.out) / "demo.png")
     print(f"""
 Ray dashboard:  http://127.0.0.1:8265
 MLflow UI:      {MLFLOW_URI}   (experiment 'demo': losses, sample images, registered subjects)
 Serve app:      {APP_URL}/docs
 Try it:
   curl -s -X POST {APP_URL}/v1/generate -H 'Content-Type: application/json' -H 'Accept: image/png' \\
-       -d '{{"subject": "{ids[0]}", "scene": "{scene}", "seed": 1, "steps": 10}}' -o {ids[0]}.png
+       -d '{{"subject": "{ids[0]}", "scene": "{scene}", "seed": 1}}' -o {ids[0]}.png
 Stop everything: make stop""")
     return 0
 
