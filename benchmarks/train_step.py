@@ -28,22 +28,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from comfusion.config import JobConfig  # noqa: E402
+from comfusion.config import VARIANTS, JobConfig  # noqa: E402
 from comfusion.data import Subject  # noqa: E402
 from comfusion.models import BASE_PRESETS  # noqa: E402
 from comfusion.prompts import PAPER_SCENES, class_scene_text  # noqa: E402
 from comfusion.train import Priors, SubjectTrainer  # noqa: E402
-
-# (row label, config overrides): the Table 1 baseline, ComFusion, and the Table 3 ablations
-VARIANTS = [
-    ("dreambooth", {"method": "dreambooth"}),
-    ("comfusion (tau=3)", {}),  # also the Table 3 "tau=3" row
-    ("w/o fusion", {"loss.fusion": False}),
-    ("w/o L_F^I", {"loss.use_fusion_instance": False}),
-    ("w/o L_F^S", {"loss.use_fusion_scene": False}),
-    ("tau=1", {"loss.tau": 1}),
-    ("tau=5", {"loss.tau": 5}),
-]
 
 
 def step_tflop(cfg: JobConfig) -> float:
@@ -103,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="cuda if available, else cpu")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per method")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    ap.add_argument("--only", default="", help="comma-separated row labels to run (default: all)")
+    ap.add_argument("--only", default="", help="comma-separated row keys to run, e.g. dreambooth,comfusion (default: all)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--run-steps", type=int, default=1200, help="steps of the projected run (paper: 1200)")
     ap.add_argument("--peak-tflops", type=float, default=790.0, help="dense bf16 TFLOP/s (H100: ~790)")
@@ -125,12 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'method':<18} {'ms/step':>9} {'median':>7} {'x DB':>6} {mem_name:>13} {'TFLOP':>6} {'MFU':>6} "
           f"{f'{args.run_steps} steps':>12}")
     db_sec = None
-    for label, overrides in VARIANTS:
-        if wanted and label not in wanted:
+    for key, label, overrides in VARIANTS:
+        if wanted and key not in wanted:
             continue
         cfg = cfg0.replace(**overrides) if overrides else cfg0
         r = measure(cfg, subject, priors, device, args.warmup, args.steps)
-        db_sec = r["sec"] if label == "dreambooth" else db_sec
+        db_sec = r["sec"] if key == "dreambooth" else db_sec
         ratio = f"{r['sec'] / db_sec:6.2f}" if db_sec else f"{'-':>6}"
         sd15 = preset == "sd15-arch"  # the TFLOP figures are SD 1.5's
         tflop = f"{step_tflop(cfg):6.1f}" if sd15 else f"{'-':>6}"

@@ -18,6 +18,17 @@ import yaml
 from comfusion.prompts import PAPER_SCENES
 
 METHODS = ("comfusion", "dreambooth")
+# The paper's compared rows, as (key, label, config overrides of one run): the Table 1 baseline,
+# ComFusion (also Table 3's "tau = 3" row) and the Table 3 ablations. Benchmarks run them all.
+VARIANTS: tuple[tuple[str, str, dict], ...] = (
+    ("dreambooth", "DreamBooth", {"method": "dreambooth"}),
+    ("comfusion", "ComFusion (tau=3)", {}),
+    ("no_fusion", "w/o {L_F^I, L_F^S}", {"loss.fusion": False}),
+    ("no_fi", "w/o L_F^I", {"loss.use_fusion_instance": False}),
+    ("no_fs", "w/o L_F^S", {"loss.use_fusion_scene": False}),
+    ("tau1", "tau=1", {"loss.tau": 1}),
+    ("tau5", "tau=5", {"loss.tau": 5}),
+)
 
 
 class ConfigError(ValueError):

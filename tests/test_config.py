@@ -12,7 +12,8 @@ def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert isinstance(cfg, JobConfig)
     assert from_dict(to_dict(cfg)) == cfg  # round trip through plain dicts
-    assert len(cfg.data.subjects) >= 1
+    if path.name != "toy_quality.yaml":  # the toy benchmark makes its own subjects
+        assert len(cfg.data.subjects) >= 1
 
 
 def test_shipped_configs_exist():
