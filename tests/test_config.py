@@ -35,6 +35,9 @@ def test_dotted_overrides_and_relative_image_paths(tmp_path):
     cfg = load_config(p, ["train.steps=7", "loss.tau=5", "job.methods=[comfusion, dreambooth]"])
     assert (cfg.train.steps, cfg.loss.tau, cfg.job.methods) == (7, 5, ("comfusion", "dreambooth"))
     assert cfg.data.subjects[0].images == (str(tmp_path / "x/1.png"),)
+    assert load_config(p, ["train.lr=1e-4"]).train.lr == 1e-4  # YAML 1.1 reads 1e-4 as a string
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(p, ["train.lr=fast"])
     cfg = load_config(p, [f"data.root={tmp_path / 'elsewhere'}"])
     assert cfg.data.subjects[0].images == (str(tmp_path / "elsewhere/x/1.png"),)
 
