@@ -194,13 +194,23 @@ def table_markdown(rows: list[str], means: dict[str, dict[str, float]], seconds:
     return "\n".join(lines)
 
 
-def samples_grid(images: dict[str, np.ndarray], rows: list[str], scale: int = 3) -> Image.Image:
-    """One image per scene (columns) for each table row (rows) of one instance, upscaled."""
+def samples_grid(images: dict[str, np.ndarray], rows: list[str], scale: int = 2) -> Image.Image:
+    """One image per scene (columns) for each table row (rows) of one instance, upscaled, with
+    the row labels on the left."""
+    from PIL import ImageDraw  # noqa: PLC0415
+
     from comfusion.sampling import image_grid  # noqa: PLC0415
 
     stacked = np.concatenate([images[k][:, 0] for k in rows])  # (R*S, H, W, 3)
     grid = Image.fromarray(image_grid(stacked, cols=images[rows[0]].shape[0]))
-    return grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    margin, cell = 120, grid.height // len(rows)
+    out = Image.new("RGB", (grid.width + margin, grid.height), (255, 255, 255))
+    out.paste(grid, (margin, 0))
+    draw = ImageDraw.Draw(out)
+    for i, k in enumerate(rows):
+        draw.text((4, i * cell + cell // 2 - 6), LABELS[k], fill=(0, 0, 0))
+    return out
 
 
 # ---------------------------------------------------------------------------------------

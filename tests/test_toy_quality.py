@@ -72,7 +72,7 @@ def test_writes_per_instance_csv_samples_and_json(tiny_run):
     assert all(float(r["loss_fusion_instance"]) != 0.0 and float(r["loss_fusion_scene"]) != 0.0 for r in fusion)
     assert all(float(r["loss_fusion_instance"]) == 0.0 for r in rows if r["row"] == "no_fi")
     grid = Image.open(out / "samples.png")
-    assert grid.size == (2 * 32 * 3, 5 * 32 * 3)  # scenes x rows of 32 px pictures, upscaled 3x
+    assert grid.size == (120 + 2 * 32 * 2, 5 * 32 * 2)  # labels, then scenes x rows of 32 px pictures at 2x
     res = json.loads((out / "results.json").read_text())
     assert res["rows"] == ["real", "base", "dreambooth", "comfusion", "no_fi"]
     assert res["config"]["model"]["base"] == "toy" and res["config"]["train"]["steps"] == 3
