@@ -155,6 +155,15 @@ def run_task(task: Task) -> dict:
             "seconds": time.perf_counter() - t0}
 
 
+def relative_cost(task: Task) -> int:
+    """Rough cost of a train + sample task: UNet calls per step (1 + tau with the fusion stream)."""
+    if task.kind != "train":
+        return 0
+    cfg = from_dict(task.cfg)
+    fusion = cfg.method == "comfusion" and cfg.loss.fusion
+    return 1 + (cfg.loss.tau if fusion else 0)
+
+
 def real_images(inst: world.Instance, scenes: list[str], n: int, size: int) -> np.ndarray:
     """The world's own renders of the instance in each scene: (S, n, H, W, 3)."""
     return np.stack([np.stack([world.render(inst, s, 70_000 + i, size) for i in range(n)]) for s in scenes])
@@ -165,8 +174,9 @@ def real_images(inst: world.Instance, scenes: list[str], n: int, size: int) -> n
 
 
 def score(scorer: Scorer, images: np.ndarray, inst: world.Instance, scenes: list[str],
-          reference: torch.Tensor | tuple, scene_texts: dict[str, torch.Tensor]) -> dict[str, float]:
-    """The six columns for one instance and one row; images (S, n, H, W, 3)."""
+          reference: tuple[torch.Tensor, torch.Tensor], scene_texts: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The six columns for one instance and one row; images (S, n, H, W, 3); reference: the real
+    photos' DINO and CLIP embeddings; scene_texts: CLIP text embedding (1, P) of each scene's T^CS."""
     s, n = images.shape[:2]
     flat = images.reshape(s * n, *images.shape[2:])
     ref_dino, ref_clip = reference
@@ -308,10 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [Task("base", to_dict(cfg), inst.class_noun, BASE, inst.seed) for inst in instances]
     tasks += [Task("train", to_dict(cfg.replace(**overrides[k])), inst.class_noun, k, inst.seed,
                    photos[subject_id(inst)][0]) for inst in instances for k in variants]
-    # longest first, so the two workers finish together
-    order = sorted(range(len(tasks)), key=lambda i: (tasks[i].kind != "train", -from_dict(tasks[i].cfg).loss.tau
-                                                      * (tasks[i].key not in ("dreambooth", "no_fusion"))))
-    done = run_all([tasks[i] for i in order], args.workers, "train + sample")
+    tasks.sort(key=relative_cost, reverse=True)  # longest first, so the workers finish together
+    done = run_all(tasks, args.workers, "train + sample")
     results = {(r["task"].instance_seed, r["task"].key): r for r in done}
 
     say("scoring with the toy judges and the exact judges")
@@ -324,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         refs = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in photos[subject_id(inst)]])
         ref_emb = scorer.embed_images(refs)
         reference = (ref_emb.dino, ref_emb.clip[judge])
-        texts = dict(zip(scenes, scorer.clip_text_embed([class_scene_text(inst.class_noun, s) for s in scenes], judge)))
-        texts = {s: t[None] for s, t in texts.items()}
+        emb = scorer.clip_text_embed([class_scene_text(inst.class_noun, s) for s in scenes], judge)  # (S, P)
+        texts = {s: emb[k:k + 1] for k, s in enumerate(scenes)}
         images = {REAL: real_images(inst, scenes, n, res)}
         images.update({k: results[(inst.seed, k)]["images"] for k in rows if k != REAL})
         for k in rows:
