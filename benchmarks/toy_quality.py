@@ -131,7 +131,7 @@ def run_task(task: Task) -> dict:
         from comfusion.models import load_base  # noqa: PLC0415
 
         components, terms, train_s = load_base(cfg.model.base), {}, 0.0
-        prompts = [world.caption(inst.class_noun, inst.colour, s) for s in scenes]
+        prompts = [inst.caption(s) for s in scenes]  # "a [colour] [class noun] [scene]"
     else:
         spec = SubjectSpec(id=subject_id(inst), images=(task.photo,), class_noun=inst.class_noun,
                            identifier=IDENTIFIER, scenes=tuple(scenes))

@@ -31,7 +31,8 @@ def _args(tmp, *extra):
     # the tiny model, not the demo's toy: these tests check the Ray path, not the pictures
     return ["--config", str(DEMO), "--set", f"data.root={tmp / 'subjects'}", "--set", f"job.storage={tmp / 'storage'}",
             "--set", "model.base=tiny", "--set", "model.dino=tiny", "--set", "model.clip=tiny",
-            "--set", "train.num_instance_images=1", "--set", "priors.count=4", "--set", "sampler.steps=2", "--set", "job.methods=[comfusion]",
+            "--set", "train.num_instance_images=1", "--set", "priors.count=4", "--set", "sampler.steps=2",
+            "--set", "job.methods=[comfusion]",
             "--set", "job.cpus_per_trainer=1.0", *extra]
 
 
