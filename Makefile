@@ -8,6 +8,9 @@ STAMP := $(VENV)/.installed
 # No machine here reaches a model hub: fail fast instead of waiting on the network.
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# Weights load from local folders here: no per-component progress bars.
+export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR ?= false
 export COMFUSION_CACHE ?= $(abspath .cache/comfusion)
 export RAY_USAGE_STATS_ENABLED ?= 0
 

@@ -2,7 +2,14 @@
 
 This package never imports ray or mlflow; `jobs/` and `serve/` wire it to them.
 """
+import logging
 from pathlib import Path
+
+# diffusers imports bitsandbytes whenever it is installed, and bitsandbytes then warns on CPUs with
+# AVX512-BF16 that its 4-bit matmul kernel (from the `kernels` hub package) is missing. The project
+# never uses 4-bit layers (only the 8-bit AdamW, which needs no such kernel), so that one logger is
+# kept to errors rather than teaching every user to ignore the line.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 

@@ -185,6 +185,8 @@ class JobSection:
     max_concurrent: int = 0  # subjects training at once; 0: as many as the cluster has room for
     cpus_per_trainer: float = 1.0  # CPU slots per training worker when there is no GPU
     use_gpu: str = "auto"  # "auto", "yes" or "no"
+    schedule_timeout_s: float = 300.0  # give up (naming what holds the cluster) when nothing fits this long
+    progress_every_s: float = 15.0  # a progress line per training run at most this often
 
     def __post_init__(self):
         _check(bool(self.name.strip()), "name", "must be non-empty")
@@ -196,6 +198,8 @@ class JobSection:
         _check(self.max_concurrent >= 0, "max_concurrent", "must be >= 0")
         _check(self.cpus_per_trainer > 0, "cpus_per_trainer", "must be > 0")
         _check(self.use_gpu in ("auto", "yes", "no"), "use_gpu", "must be 'auto', 'yes' or 'no'")
+        _check(self.schedule_timeout_s > 0, "schedule_timeout_s", "must be > 0")
+        _check(self.progress_every_s > 0, "progress_every_s", "must be > 0")
 
 
 @dataclass(frozen=True)

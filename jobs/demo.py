@@ -46,10 +46,17 @@ def cluster_env() -> dict:
             "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
 
 
+def job_env_vars() -> dict:
+    """The env vars of cluster/runtime_env.yaml (quiet logs, no progress bars), plus this shell's
+    offline and cache settings: the job and the app run with the same."""
+    env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())["env_vars"]
+    env.update({k: os.environ[k] for k in ("HF_HUB_OFFLINE", "COMFUSION_CACHE") if k in os.environ})
+    return {**env, "MLFLOW_TRACKING_URI": MLFLOW_URI}
+
+
 def submit_training(config: str, photos: Path) -> None:
     runtime_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
-    runtime_env["env_vars"].update({k: os.environ[k] for k in ("HF_HUB_OFFLINE", "COMFUSION_CACHE") if k in os.environ})
-    runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] = MLFLOW_URI
+    runtime_env["env_vars"] = job_env_vars()
     sh(str(BIN / "ray"), "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", ".",
        "--runtime-env-json", json.dumps(runtime_env), "--",
        "python", "jobs/train_many.py", "--config", config,
@@ -62,11 +69,20 @@ def deploy_app(job_cfg) -> None:
     # the subjects' base model, not serve.yaml's default: their weights only fit the model they came from
     app["args"].update(base=job_cfg.model.base, preset_seed=job_cfg.model.preset_seed, tracking_uri=MLFLOW_URI,
                        cache_dir=str(STORAGE / "serve-cache"), default_steps=job_cfg.sampler.steps)
-    app["runtime_env"] = {"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "COMFUSION_CACHE")
-                                       if k in os.environ}}
+    app["runtime_env"] = {"env_vars": job_env_vars()}
     path = STORAGE / "run" / "serve-demo.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    sh(str(BIN / "serve"), "deploy", str(path), "--address", "http://127.0.0.1:8265", env=cluster_env())
+    # `serve deploy` is declarative, so a second try is safe; on a busy machine Serve's first HTTP
+    # proxy can die while starting, and the deploy then fails once with a 500.
+    for attempt in (1, 2):
+        try:
+            sh(str(BIN / "serve"), "deploy", str(path), "--address", "http://127.0.0.1:8265", env=cluster_env())
+            return
+        except subprocess.CalledProcessError:
+            if attempt == 2:
+                raise
+            print("serve deploy failed; trying once more", flush=True)
+            time.sleep(5)
 
 
 def http(method: str, url: str, body: dict | None = None, timeout: float = 120) -> dict:
@@ -132,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stop:
         sh("bash", "cluster/stop_local.sh", str(STORAGE), env=cluster_env())
         return 0
+    t0 = time.monotonic()
     from comfusion.config import load_config  # noqa: PLC0415
     from jobs.demo_subjects import write_demo_subjects  # noqa: PLC0415
 
@@ -154,7 +171,8 @@ Serve app:      {APP_URL}/docs
 Try it:
   curl -s -X POST {APP_URL}/v1/generate -H 'Content-Type: application/json' -H 'Accept: image/png' \\
        -d '{{"subject": "{ids[0]}", "scene": "{scene}", "seed": 1}}' -o {ids[0]}.png
-Stop everything: make stop""")
+Stop everything: make stop
+(demo finished in {(time.monotonic() - t0) / 60:.1f} min)""")
     return 0
 
 

@@ -266,34 +266,19 @@ class EvalWorker:
         return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
 
 
-def _actor_options(cfg: JobConfig, n_items: int) -> dict:
-    """Pool size and resources: one GPU per actor where there are GPUs, else `job.cpus_per_trainer` CPUs."""
-    import ray  # noqa: PLC0415
-
-    res = ray.cluster_resources()
-    gpus = int(res.get("GPU", 0))
-    if cfg.job.use_gpu == "yes" or (cfg.job.use_gpu == "auto" and gpus > 0):
-        if gpus < 1:
-            raise ConfigError("job.use_gpu", "is 'yes' but the Ray cluster has no GPU")
-        return dict(num_gpus=1, size=max(1, min(gpus, n_items)), device="cuda", threads=None)
-    per, cpus = cfg.job.cpus_per_trainer, res.get("CPU", 1)
-    if per > cpus:
-        raise ConfigError("job.cpus_per_trainer", f"{per} CPUs per evaluation actor, but the cluster has {cpus}")
-    return dict(num_cpus=per, size=max(1, min(int(cpus // per), n_items)), device="cpu", threads=max(1, int(per)))
-
-
 def generate_ray(cfg: JobConfig, items: list[dict]) -> Iterable[dict]:
     """The work items through a Ray Data actor pool; yields batches of per-image rows."""
     import ray  # noqa: PLC0415
 
     if not ray.is_initialized():
         ray.init()
-    opts = _actor_options(cfg, len(items))
-    device, threads, size = opts.pop("device"), opts.pop("threads"), opts.pop("size")
+    from jobs.resources import actor_pool  # noqa: PLC0415
+
+    pool = actor_pool(cfg, len(items), "an evaluation actor")
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         EvalWorker, batch_size=1, batch_format="numpy",  # one row = one work item of one subject
-        fn_constructor_kwargs=dict(cfg=cfg, device=device, threads=threads),
-        compute=ray.data.ActorPoolStrategy(size=size), **opts)
+        fn_constructor_kwargs=dict(cfg=cfg, device=pool.device, threads=pool.threads),
+        compute=pool.strategy(), max_restarts=0, **pool.remote_args)
     yield from ds.iter_batches(batch_size=None, batch_format="numpy")
 
 

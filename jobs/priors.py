@@ -18,12 +18,13 @@ import numpy as np
 import ray
 import torch
 
-from comfusion.config import ConfigError, JobConfig, ModelConfig
+from comfusion.config import JobConfig, ModelConfig
 from comfusion.models import load_base
 from comfusion.priors import (SHARD_ROWS, PriorCache, PriorCacheError, PriorPlan, PriorReport,
                               commit_shard, missing_indices, open_cache, plan_priors, prior_batches,
                               sample_priors)
 from comfusion.sampling import default_dtype
+from jobs.resources import actor_pool
 
 
 class PriorSampler:
@@ -51,23 +52,6 @@ class PriorSampler:
                 "png": np.array(pngs, dtype=object), "latent": np.concatenate(latents)}
 
 
-def _actor_options(cfg: JobConfig, n_batches: int, cpus_per_actor: float | None) -> dict:
-    """Actor pool size and resources: one GPU per actor where there are GPUs, else CPU slots."""
-    res = ray.cluster_resources()
-    gpus = int(res.get("GPU", 0))
-    use_gpu = cfg.job.use_gpu == "yes" or (cfg.job.use_gpu == "auto" and gpus > 0)
-    if use_gpu:
-        if gpus < 1:
-            raise ConfigError("job.use_gpu", "is 'yes' but the Ray cluster has no GPU")
-        return dict(num_gpus=1, size=max(1, min(gpus, n_batches)), device="cuda", threads=None)
-    per = cpus_per_actor or cfg.job.cpus_per_trainer
-    cpus = res.get("CPU", 1)
-    if per > cpus:
-        raise ConfigError("job.cpus_per_trainer", f"{per} CPUs per prior actor, but the cluster has {cpus}")
-    n = max(1, min(int(cpus // per), n_batches))
-    return dict(num_cpus=per, size=n, device="cpu", threads=max(1, int(per)))
-
-
 def _run_pipeline(cfg: JobConfig, work: dict[str, tuple[PriorPlan, PriorCache, list[int]]],
                   cpus_per_actor: float | None, shard_rows: int) -> dict[str, int]:
     """Generate every missing prior in one Ray Data pipeline; returns images committed per key."""
@@ -76,13 +60,16 @@ def _run_pipeline(cfg: JobConfig, work: dict[str, tuple[PriorPlan, PriorCache, l
              for batch in prior_batches(missing, bs)]
     if not ray.is_initialized():
         ray.init()
-    opts = _actor_options(cfg, len(items), cpus_per_actor)
-    device, threads, size = opts.pop("device"), opts.pop("threads"), opts.pop("size")
+    pool = actor_pool(cfg, len(items), "a prior actor", cpus_per_actor)
     plans = {key: plan for key, (plan, _, _) in work.items()}
+    # Actors are not restarted (Ray would warn at every start that their constructor arguments
+    # live in the object store); a lost actor fails the pipeline, and `make_priors` runs it
+    # once more for what is still missing, keeping every shard already committed.
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         PriorSampler, batch_size=1, batch_format="numpy",  # one row = one sampler batch of bs prompts
-        fn_constructor_kwargs=dict(model=cfg.model, plans=plans, batch_size=bs, device=device, threads=threads),
-        compute=ray.data.ActorPoolStrategy(size=size), **opts)
+        fn_constructor_kwargs=dict(model=cfg.model, plans=plans, batch_size=bs, device=pool.device,
+                                   threads=pool.threads),
+        compute=pool.strategy(), max_restarts=0, **pool.remote_args)
     return _commit_stream(ds, {key: cache for key, (_, cache, _) in work.items()},
                           max(shard_rows, bs))
 
@@ -108,6 +95,28 @@ def _commit_stream(ds: "ray.data.Dataset", caches: dict[str, PriorCache], shard_
         for key in list(buffers):
             flush(key)
     return committed
+
+
+def _generate_missing(cfg: JobConfig, work: dict, cpus_per_actor: float | None, shard_rows: int,
+                      progress: Callable[[str], None] | None, attempts: int = 2) -> dict[str, int]:
+    """Run the pipeline for what is missing; a pipeline that fails part way (a lost actor, a
+    node gone) is run once more for what is still missing. Committed shards are never redone."""
+    made: dict[str, int] = defaultdict(int)
+    for attempt in range(1, attempts + 1):
+        todo = {key: (plan, cache, missing_indices(cache)) for key, (plan, cache, _) in work.items()}
+        todo = {key: w for key, w in todo.items() if w[2]}
+        if not todo:
+            break
+        try:
+            for key, n in _run_pipeline(cfg, todo, cpus_per_actor, shard_rows).items():
+                made[key] += n
+            break
+        except ray.exceptions.RayError as e:
+            if attempt == attempts:
+                raise
+            if progress:
+                progress(f"priors: the pipeline failed ({type(e).__name__}); running it again for what is missing")
+    return made
 
 
 def make_priors(cfg: JobConfig, class_nouns: list[str], storage: str | os.PathLike, *,
@@ -137,8 +146,7 @@ def make_priors(cfg: JobConfig, class_nouns: list[str], storage: str | os.PathLi
     for plan in plans.values():
         cache = open_cache(storage, plan)
         work[plan.key] = (plan, cache, missing_indices(cache))
-    todo = {key: w for key, w in work.items() if w[2]}
-    made = _run_pipeline(cfg, todo, cpus_per_actor, shard_rows) if todo else {}
+    made = _generate_missing(cfg, work, cpus_per_actor, shard_rows, progress)
     reports = {}
     for noun, plan in plans.items():
         _, cache, missing = work[plan.key]

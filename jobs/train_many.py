@@ -9,14 +9,14 @@ at once as the cluster has room for. Prints a summary; exits non-zero if any sub
 from __future__ import annotations
 
 import argparse
-import math
+import hashlib
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any folder
 
-from comfusion.config import ConfigError, load_config  # noqa: E402
+from comfusion.config import ConfigError, dump_config, load_config  # noqa: E402
 from comfusion.data import format_subject_errors, validate_subjects  # noqa: E402
 
 
@@ -45,17 +45,23 @@ def make_all_priors(cfg, subjects, storage: Path) -> dict:
     return folders
 
 
-def trainer_slots(cfg, use_gpu: bool) -> int:
-    import ray  # noqa: PLC0415
+def run_key(cfg, subject) -> str:
+    """What makes two (subject, method) trainings the same: the whole config (method and scenes
+    set) and the subject's photos, by content. A resubmitted job finds its runs by this key."""
+    h = hashlib.sha256(dump_config(cfg).encode())
+    h.update(f"{subject.id}|{subject.identifier}|{subject.class_noun}".encode())
+    for path in subject.image_paths:
+        h.update(hashlib.sha256(Path(path).read_bytes()).digest())
+    return h.hexdigest()[:16]
 
-    res = ray.cluster_resources()
-    slots = int(res.get("GPU", 0)) if use_gpu else math.floor(res.get("CPU", 1) / cfg.job.cpus_per_trainer)
-    slots = max(1, slots)
-    return min(slots, cfg.job.max_concurrent) if cfg.job.max_concurrent else slots
 
+def plan_runs(cfg, subjects, priors: dict, storage: Path, use_gpu: bool) -> tuple[list, list[dict]]:
+    """One SubjectRun per (subject, method) still to train, and a summary row per one already done.
 
-def plan_runs(cfg, subjects, priors: dict, storage: Path, use_gpu: bool) -> list:
-    """One MLflow run and one SubjectRun per (subject, method)."""
+    A run with the same `run_key` in the job's experiment is reused: finished and registered, it is
+    not trained again; unfinished (a driver or cluster that died), it resumes from its last Ray
+    Train checkpoint and logs into the same MLflow run.
+    """
     from mlflow import MlflowClient  # noqa: PLC0415
 
     from jobs.tracking import create_run, experiment_id, tracking_uri  # noqa: PLC0415
@@ -65,17 +71,50 @@ def plan_runs(cfg, subjects, priors: dict, storage: Path, use_gpu: bool) -> list
     client = MlflowClient(uri)
     exp = experiment_id(client, cfg.job.name, storage)
     spec_of = {sp.id: sp for sp in cfg.data.subjects}
-    runs = []
+    runs, done = [], []
     for s in subjects:
         for method in cfg.job.methods:
             c = cfg.replace(method=method, **{"data.scenes": list(s.scenes), "job.storage": str(storage)})
-            run_id = create_run(client, exp, c, s.id, s.class_noun, s.identifier)
+            key = run_key(c, s)
+            earlier = _earlier_run(client, exp, key)
+            if earlier is not None and _finished(client, earlier):
+                done.append(_reused_row(client, earlier, s.id, method))
+                continue
+            if earlier is not None:
+                run_id = earlier.info.run_id
+                client.update_run(run_id, status="RUNNING")
+                print(f"{s.id} · {method}: resuming run {run_id} (same config and photos)", flush=True)
+            else:
+                run_id = create_run(client, exp, c, s.id, s.class_noun, s.identifier)
+                client.set_tag(run_id, RUN_KEY_TAG, key)
             runs.append(SubjectRun(cfg=c, spec=spec_of[s.id], run_id=run_id, tracking_uri=uri,
                                    priors_dir=priors[(tuple(s.scenes), s.class_noun, method)],
                                    checkpoint_dir=str(storage / "checkpoints" / cfg.job.name / s.id / method / run_id),
                                    ray_storage=str(storage / "ray_results"), use_gpu=use_gpu))
-    print(f"mlflow: experiment '{cfg.job.name}' at {uri} ({len(runs)} runs)", flush=True)
-    return runs
+    print(f"mlflow: experiment '{cfg.job.name}' at {uri} ({len(runs)} to train, {len(done)} done before)",
+          flush=True)
+    return runs, done
+
+
+RUN_KEY_TAG = "run_key"
+
+
+def _earlier_run(client, exp: str, key: str):
+    found = client.search_runs([exp], filter_string=f"tags.{RUN_KEY_TAG} = '{key}'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    return found[0] if found else None
+
+
+def _finished(client, run) -> bool:
+    return run.info.status == "FINISHED" and bool(client.search_model_versions(f"run_id = '{run.info.run_id}'"))
+
+
+def _reused_row(client, run, subject_id: str, method: str) -> dict:
+    version = client.search_model_versions(f"run_id = '{run.info.run_id}'")[0]
+    step = run.data.metrics.get("final/step")
+    return {"subject": subject_id, "method": method, "status": "reused", "run_id": run.info.run_id,
+            "steps": int(step) if step is not None else None, "final_loss": run.data.metrics.get("loss/total"),
+            "checkpoint": None, "version": int(version.version)}
 
 
 def train_all(cfg, runs: list, storage: Path, use_gpu: bool) -> list[dict]:
@@ -84,8 +123,10 @@ def train_all(cfg, runs: list, storage: Path, use_gpu: bool) -> list[dict]:
 
     from jobs.train_worker import tune_trial  # noqa: PLC0415
 
-    slots = trainer_slots(cfg, use_gpu)
-    print(f"training {len(runs)} runs, {slots} at once", flush=True)
+    from jobs.resources import trainer_slots  # noqa: PLC0415
+
+    slots = trainer_slots(cfg, use_gpu, len(runs))
+    print(f"training {len(runs)} runs, {slots} at once (the rest queue)", flush=True)
     trial = tune.with_resources(tune.with_parameters(tune_trial, runs=runs), {"CPU": 0.01})
     tuner = tune.Tuner(trial, param_space={"index": tune.grid_search(list(range(len(runs))))},
                        tune_config=tune.TuneConfig(max_concurrent_trials=slots),
@@ -103,9 +144,14 @@ def train_all(cfg, runs: list, storage: Path, use_gpu: bool) -> list[dict]:
     return out
 
 
+# one format per column of the summary table
+SUMMARY_FORMATS = {"subject": "{}", "method": "{}", "status": "{}", "steps": "{:d}", "wall_s": "{:.1f}",
+                   "final_loss": "{:.4f}", "checkpoint": "{}", "run_id": "{}"}
+
+
 def print_summary(rows: list[dict]) -> None:
-    cols = ("subject", "method", "status", "steps", "wall_s", "final_loss", "checkpoint", "run_id")
-    table = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    cols = tuple(SUMMARY_FORMATS)
+    table = [[_fmt(c, r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
     print("\n" + "  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     for t in table:
@@ -115,8 +161,13 @@ def print_summary(rows: list[dict]) -> None:
             print(f"{r['subject']} ({r.get('method', '-')}): {r['error']}")
 
 
-def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) and not v.is_integer() else str(v)
+def _fmt(col: str, v) -> str:
+    if v is None:
+        return "-"
+    try:
+        return SUMMARY_FORMATS[col].format(v)
+    except (ValueError, TypeError):  # e.g. a NaN loss or a step count given as a float
+        return str(v)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,12 +189,18 @@ def main(argv: list[str] | None = None) -> int:
             # Inside `ray job submit` this joins the job's cluster (and its runtime env); alone it
             # starts a local one whose workers inherit this environment.
             ray.init(address=args.address, log_to_driver=True)
-        use_gpu = cfg.job.use_gpu == "yes" or (cfg.job.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
-        priors = make_all_priors(cfg, subjects, storage)
-        runs = plan_runs(cfg, subjects, priors, storage, use_gpu)
-        rows = train_all(cfg, runs, storage, use_gpu) + rows
+        from jobs.resources import NoRoomError, uses_gpu  # noqa: PLC0415
+
+        try:
+            use_gpu = uses_gpu(cfg)
+            priors = make_all_priors(cfg, subjects, storage)
+            runs, done = plan_runs(cfg, subjects, priors, storage, use_gpu)
+            rows = (train_all(cfg, runs, storage, use_gpu) if runs else []) + done + rows
+        except (NoRoomError, ConfigError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     print_summary(rows)
-    return 0 if rows and all(r["status"] == "ok" for r in rows) else 1
+    return 0 if rows and all(r["status"] in ("ok", "reused") for r in rows) else 1
 
 
 if __name__ == "__main__":

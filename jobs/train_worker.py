@@ -6,6 +6,7 @@ MLflow logging through the trainer's callbacks. The algorithm is `comfusion.trai
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import tempfile
@@ -14,18 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray.train
-import ray.train.torch
 import ray.tune
-import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 
-from comfusion.checkpoint import verify_checkpoint
 from comfusion.config import JobConfig, SubjectSpec
-from comfusion.data import check_subject
-from comfusion.priors import read_priors
-from comfusion.train import SubjectTrainer
-from jobs.tracking import RunLogger
+
+# Light at import: the Tune trial and the Train controller load this module only to find the
+# functions below; the algorithm (torch, diffusers) and MLflow are imported where they run, so
+# those two processes start in a fraction of the time.
+
+
+class RunFailed(RuntimeError):
+    """The worker ended the run as FAILED (a failure that would repeat); the message is its reason."""
 
 
 @dataclass(frozen=True)
@@ -49,10 +50,10 @@ class SubjectRun:
 class _Reporter:
     """Reports a resumable checkpoint to Ray Train every `train.checkpoint_every` steps."""
 
-    def __init__(self, logger: RunLogger):
+    def __init__(self, logger):
         self.logger = logger
 
-    def on_checkpoint(self, step: int, trainer: SubjectTrainer) -> None:
+    def on_checkpoint(self, step: int, trainer) -> None:
         self.logger.flush()  # metrics up to this step are final now
         with tempfile.TemporaryDirectory() as tmp:
             state = trainer.save_state(Path(tmp) / "state")
@@ -60,9 +61,67 @@ class _Reporter:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(state)))
 
 
+class _Progress:
+    """One line per run at most every `job.progress_every_s`: step, total, loss, speed, time left."""
+
+    def __init__(self, name: str, total: int, every_s: float):
+        self.name, self.total, self.every_s = name, total, every_s
+        self.t0 = self.last = time.monotonic()
+        self.first_step: int | None = None
+
+    def on_step(self, step: int, terms: dict[str, float], lr: float) -> None:
+        now = time.monotonic()
+        if self.first_step is None:
+            self.first_step, self.t0 = step - 1, now
+        if now - self.last < self.every_s and step not in (self.first_step + 1, self.total):
+            return
+        self.last = now
+        done = step - self.first_step
+        rate = done / max(now - self.t0, 1e-9)
+        left = (self.total - step) / rate if rate > 0 and done > 1 else float("nan")
+        eta = f"{left:.0f} s left" if left == left else "starting"
+        print(f"[{self.name}] step {step}/{self.total}  loss {terms.get('total', float('nan')):.4f}  "
+              f"{rate:.1f} steps/s  {eta}", flush=True)
+
+
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train worker: train one subject, resuming from the latest reported checkpoint."""
+    """Ray Train worker: train one subject, resuming from the latest reported checkpoint.
+
+    A failure that would repeat on every try (a non-finite loss, a bad photo, a model or config
+    that cannot load) ends the run at once as FAILED, naming the reason, instead of spending
+    `job.max_failures` restarts on it; anything else (a lost worker, a network blip) is raised
+    and retried from the last checkpoint.
+    """
+    from comfusion.config import ConfigError  # noqa: PLC0415
+    from comfusion.data import ImageError, SubjectError  # noqa: PLC0415
+    from comfusion.models import ModelNotFoundError  # noqa: PLC0415
+    from comfusion.train import NonFiniteLossError  # noqa: PLC0415
+
     run: SubjectRun = config["run"]
+    # Ray Train's own per-checkpoint INFO lines would drown the progress lines.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        _train_subject(run)
+    except (NonFiniteLossError, ImageError, SubjectError, ModelNotFoundError, ConfigError) as e:
+        from mlflow import MlflowClient  # noqa: PLC0415
+
+        reason = one_line(e)
+        print(f"[{run.name}] failed, not retried: {reason}", flush=True)
+        client = MlflowClient(run.tracking_uri)
+        client.set_tag(run.run_id, "error", reason)
+        client.set_terminated(run.run_id, status="FAILED")
+        ray.train.report({"failed": reason})
+
+
+def _train_subject(run: SubjectRun) -> None:
+    import ray.train.torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    from comfusion.data import check_subject  # noqa: PLC0415
+    from comfusion.priors import read_priors  # noqa: PLC0415
+    from comfusion.train import SubjectTrainer  # noqa: PLC0415
+    from jobs.tracking import RunLogger  # noqa: PLC0415
+
     cfg = run.cfg
     if not run.use_gpu:  # one torch thread per CPU slot the worker holds
         torch.set_num_threads(max(1, int(cfg.job.cpus_per_trainer)))
@@ -72,7 +131,9 @@ def train_loop_per_worker(config: dict) -> None:
     # which process trains this run, for operators (and the fault test)
     logger.client.set_tag(run.run_id, "worker", f"{socket.gethostname()}:{os.getpid()}")
     trainer = SubjectTrainer(cfg, subject, priors, device=ray.train.torch.get_device(),
-                             callbacks=[logger, _Reporter(logger)])
+                             callbacks=[logger, _Reporter(logger),
+                                        _Progress(f"{run.spec.id} · {cfg.method}", cfg.train.steps,
+                                                  cfg.job.progress_every_s)])
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -83,12 +144,21 @@ def train_loop_per_worker(config: dict) -> None:
     folder = trainer.publish(run.checkpoint_dir)
     final = {f"loss/{k}": v for k, v in trainer.last_terms.items()}
     version = logger.finish(folder, subject.id, cfg.method, {"final/step": trainer.step})
+    logger.client.set_terminated(run.run_id, status="FINISHED")
     ray.train.report({"step": trainer.step, "final_loss": final.get("loss/total", float("nan")),
                       "checkpoint_dir": str(folder), "model_version": version})
 
 
+def one_line(e: BaseException) -> str:
+    """An error as one line for a summary table or an MLflow tag: its type and first line."""
+    text = str(e).splitlines()[0][:300] if str(e) else ""
+    return f"{type(e).__name__}: {text}"
+
+
 def fit_subject(run: SubjectRun) -> dict:
     """Fit one TorchTrainer (one worker, one GPU where there are GPUs) and summarise it."""
+    from ray.train.torch import TorchTrainer  # noqa: PLC0415
+
     cfg, t0 = run.cfg, time.time()
     resources = None if run.use_gpu else {"CPU": cfg.job.cpus_per_trainer}
     trainer = TorchTrainer(
@@ -101,23 +171,26 @@ def fit_subject(run: SubjectRun) -> dict:
     try:
         trainer.fit()
         summary.update(status="ok", **_published(run))
-        _end_run(run, "FINISHED")
     except Exception as e:  # noqa: BLE001  (a subject that fails for good is reported; the others go on)
-        summary.update(status="failed", error=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+        summary.update(status="failed", error=str(e) if isinstance(e, RunFailed) else one_line(e))
         _end_run(run, "FAILED")
     summary["wall_s"] = round(time.time() - t0, 1)
     return summary
 
 
 def _published(run: SubjectRun) -> dict:
-    """What the finished run left: the verified checkpoint, its final loss, the model version."""
+    """What the finished run left, as its MLflow run records it (the worker published, registered
+    and finished it): steps, final loss, checkpoint folder, model version."""
     from mlflow import MlflowClient  # noqa: PLC0415
 
-    meta = verify_checkpoint(run.checkpoint_dir)
     client = MlflowClient(run.tracking_uri)
+    record = client.get_run(run.run_id)
+    if record.info.status == "FAILED":  # a failure that would repeat: ended by the worker
+        raise RunFailed(record.data.tags.get("error", "the run failed"))
+    metrics = record.data.metrics
     versions = client.search_model_versions(f"run_id = '{run.run_id}'")
-    step = client.get_run(run.run_id).data.metrics.get("final/step")
-    return dict(steps=int(step) if step is not None else None, final_loss=meta.metrics.get("loss/total"),
+    step = metrics.get("final/step")
+    return dict(steps=int(step) if step is not None else None, final_loss=metrics.get("loss/total"),
                 checkpoint=run.checkpoint_dir, version=int(versions[0].version) if versions else None)
 
 
