@@ -42,8 +42,11 @@ def sh(*cmd: str, env: dict | None = None) -> None:
 def cluster_env() -> dict:
     # `python` in the job's entrypoint and in Ray's workers must be this environment's; the local
     # head uses Ray's token authentication (its token in ~/.ray/auth_token), clients too.
+    # cluster/runtime_env.yaml lists every folder the upload leaves out (.git, .venv included), so
+    # Ray's own default list is switched off rather than warning once per folder it finds.
     return {"PYTHON": sys.executable, "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
-            "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
+            "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),
+            "RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES": ""}
 
 
 def job_env_vars() -> dict:

@@ -150,9 +150,10 @@ def _train_subject(run: SubjectRun) -> None:
 
 
 def one_line(e: BaseException) -> str:
-    """An error as one line for a summary table or an MLflow tag: its type and first line."""
-    text = str(e).splitlines()[0][:300] if str(e) else ""
-    return f"{type(e).__name__}: {text}"
+    """An error as one line for a summary table or an MLflow tag: its type and its message with the
+    line breaks folded (a subject's problems come one per line), at most 300 characters."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text if len(text) <= 300 else text[:297] + '...'}"
 
 
 def fit_subject(run: SubjectRun) -> dict:
