@@ -275,10 +275,10 @@ def generate_ray(cfg: JobConfig, items: list[dict]) -> Iterable[dict]:
     from jobs.resources import actor_pool  # noqa: PLC0415
 
     pool = actor_pool(cfg, len(items), "an evaluation actor")
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        EvalWorker, batch_size=1, batch_format="numpy",  # one row = one work item of one subject
-        fn_constructor_kwargs=dict(cfg=cfg, device=pool.device, threads=pool.threads),
-        compute=pool.strategy(), max_restarts=0, **pool.remote_args)
+    ds = pool.map_batches(
+        ray.data.from_items(items, override_num_blocks=len(items)), EvalWorker,
+        batch_size=1, batch_format="numpy",  # one row = one work item of one subject
+        fn_constructor_kwargs=dict(cfg=cfg, device=pool.device, threads=pool.threads))
     yield from ds.iter_batches(batch_size=None, batch_format="numpy")
 
 

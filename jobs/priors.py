@@ -62,14 +62,13 @@ def _run_pipeline(cfg: JobConfig, work: dict[str, tuple[PriorPlan, PriorCache, l
         ray.init()
     pool = actor_pool(cfg, len(items), "a prior actor", cpus_per_actor)
     plans = {key: plan for key, (plan, _, _) in work.items()}
-    # Actors are not restarted (Ray would warn at every start that their constructor arguments
-    # live in the object store); a lost actor fails the pipeline, and `make_priors` runs it
-    # once more for what is still missing, keeping every shard already committed.
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        PriorSampler, batch_size=1, batch_format="numpy",  # one row = one sampler batch of bs prompts
+    # A lost actor fails the pipeline; `make_priors` runs it once more for what is still missing,
+    # keeping every shard already committed.
+    ds = pool.map_batches(
+        ray.data.from_items(items, override_num_blocks=len(items)), PriorSampler,
+        batch_size=1, batch_format="numpy",  # one row = one sampler batch of bs prompts
         fn_constructor_kwargs=dict(model=cfg.model, plans=plans, batch_size=bs, device=pool.device,
-                                   threads=pool.threads),
-        compute=pool.strategy(), max_restarts=0, **pool.remote_args)
+                                   threads=pool.threads))
     return _commit_stream(ds, {key: cache for key, (_, cache, _) in work.items()},
                           max(shard_rows, bs))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 
@@ -60,9 +61,17 @@ class Pool:
     device: str
     threads: int | None  # torch threads per actor (CPU slots held), None on a GPU
 
-    def strategy(self) -> "ray.data.ActorPoolStrategy":
-        return ray.data.ActorPoolStrategy(min_size=self.min_size, max_size=self.max_size,
-                                          initial_size=self.min_size)
+    def map_batches(self, ds: "ray.data.Dataset", fn: type, **kwargs) -> "ray.data.Dataset":
+        """`ds.map_batches(fn)` on this pool. Its actors are not restarted: Ray warns at every
+        start of a restartable actor whose constructor arguments live in the object store, and
+        callers redo a failed pipeline for what is missing instead. Ray 2.60 takes
+        `max_restarts` only through its deprecated extra-arguments route, so that one warning
+        is silenced here rather than shown to every user."""
+        strategy = ray.data.ActorPoolStrategy(min_size=self.min_size, max_size=self.max_size,
+                                              initial_size=self.min_size)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
+            return ds.map_batches(fn, compute=strategy, max_restarts=0, **self.remote_args, **kwargs)
 
 
 def actor_pool(cfg: JobConfig, n_items: int, what: str, cpus_per_actor: float | None = None) -> Pool:
