@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -61,6 +62,13 @@ class _Reporter:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(state)))
 
 
+def say(line: str) -> None:
+    """One line to the job's log, once. Ray Train turns a worker's print into a log record, and
+    prints it a second time when a library has wrapped sys.stdout (MLflow does); the process's
+    own stdout is written once either way."""
+    print(line, file=sys.__stdout__, flush=True)
+
+
 class _Progress:
     """One line per run at most every `job.progress_every_s`: step, total, loss, speed, time left."""
 
@@ -80,8 +88,17 @@ class _Progress:
         rate = done / max(now - self.t0, 1e-9)
         left = (self.total - step) / rate if rate > 0 and done > 1 else float("nan")
         eta = f"{left:.0f} s left" if left == left else "starting"
-        print(f"[{self.name}] step {step}/{self.total}  loss {terms.get('total', float('nan')):.4f}  "
-              f"{rate:.1f} steps/s  {eta}", flush=True)
+        say(f"[{self.name}] step {step}/{self.total}  loss {terms.get('total', float('nan')):.4f}  "
+            f"{rate:.1f} steps/s  {eta}")
+
+
+def _quiet_ray_train() -> None:
+    """Ray Train's INFO lines in a worker (one or two per checkpoint, each repeating the metrics)
+    would drown the progress lines; some of its loggers are named by file path, not module."""
+    package = os.path.dirname(ray.train.__file__)
+    for name in ["ray.train", *logging.root.manager.loggerDict]:
+        if name == "ray.train" or name.startswith(("ray.train.", package)):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -98,15 +115,14 @@ def train_loop_per_worker(config: dict) -> None:
     from comfusion.train import NonFiniteLossError  # noqa: PLC0415
 
     run: SubjectRun = config["run"]
-    # Ray Train's own per-checkpoint INFO lines would drown the progress lines.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    _quiet_ray_train()
     try:
         _train_subject(run)
     except (NonFiniteLossError, ImageError, SubjectError, ModelNotFoundError, ConfigError) as e:
         from mlflow import MlflowClient  # noqa: PLC0415
 
         reason = one_line(e)
-        print(f"[{run.name}] failed, not retried: {reason}", flush=True)
+        say(f"[{run.name}] failed, not retried: {reason}")
         client = MlflowClient(run.tracking_uri)
         client.set_tag(run.run_id, "error", reason)
         client.set_terminated(run.run_id, status="FAILED")
@@ -138,7 +154,7 @@ def _train_subject(run: SubjectRun) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             trainer.load_state(folder)
-        print(f"[{run.name}] resumed at step {trainer.step}", flush=True)
+        say(f"[{run.name}] resumed at step {trainer.step}")
         logger.client.set_tag(run.run_id, "resumed_from_step", str(trainer.step))
     trainer.run()
     folder = trainer.publish(run.checkpoint_dir)
