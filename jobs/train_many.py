@@ -29,6 +29,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def check_subjects(cfg) -> tuple[list, dict[str, list[str]]]:
+    """Every subject's photos (the project's checks), and enough photos for the training setting:
+    (good subjects, problems by subject id), before any compute."""
+    subjects, errors = validate_subjects(cfg.data.subjects, cfg.data, cfg.model.resolution, load_pixels=False)
+    need = cfg.train.num_instance_images
+    for s in [s for s in subjects if len(s.image_paths) < need]:
+        errors[s.id] = [f"has {len(s.image_paths)} photo(s) but train.num_instance_images is {need}"]
+        subjects.remove(s)
+    return subjects, errors
+
+
 def make_all_priors(cfg, subjects, storage: Path) -> dict:
     """Priors of every (class, method) the job needs, one Ray Data pipeline per scene list."""
     from jobs.priors import make_priors  # noqa: PLC0415
@@ -177,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    subjects, errors = validate_subjects(cfg.data.subjects, cfg.data, cfg.model.resolution, load_pixels=False)
+    subjects, errors = check_subjects(cfg)
     if errors:
         print(f"invalid subjects (skipped):\n{format_subject_errors(errors)}", file=sys.stderr)
     rows = [{"subject": sid, "method": "-", "status": "invalid", "error": "; ".join(p)} for sid, p in errors.items()]

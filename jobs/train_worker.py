@@ -109,16 +109,13 @@ def train_loop_per_worker(config: dict) -> None:
     `job.max_failures` restarts on it; anything else (a lost worker, a network blip) is raised
     and retried from the last checkpoint.
     """
-    from comfusion.config import ConfigError  # noqa: PLC0415
-    from comfusion.data import ImageError, SubjectError  # noqa: PLC0415
     from comfusion.models import ModelNotFoundError  # noqa: PLC0415
-    from comfusion.train import NonFiniteLossError  # noqa: PLC0415
 
     run: SubjectRun = config["run"]
     _quiet_ray_train()
     try:
         _train_subject(run)
-    except (NonFiniteLossError, ImageError, SubjectError, ModelNotFoundError, ConfigError) as e:
+    except (ValueError, ModelNotFoundError) as e:  # NonFiniteLossError, ImageError, SubjectError, ConfigError, ...
         from mlflow import MlflowClient  # noqa: PLC0415
 
         reason = one_line(e)
@@ -167,8 +164,12 @@ def _train_subject(run: SubjectRun) -> None:
 
 def one_line(e: BaseException) -> str:
     """An error as one line for a summary table or an MLflow tag: its type and its message with the
-    line breaks folded (a subject's problems come one per line), at most 300 characters."""
-    text = " ".join(str(e).split())
+    line breaks folded (a subject's problems come one per line), at most 300 characters. An error
+    that carries a worker's traceback (Ray's) is shown as the traceback's last line, its cause."""
+    text = str(e)
+    if "Traceback (most recent call last)" in text:
+        return " ".join(next(ln for ln in reversed(text.splitlines()) if ln.strip()).split())[:300]
+    text = " ".join(text.split())
     return f"{type(e).__name__}: {text if len(text) <= 300 else text[:297] + '...'}"
 
 
