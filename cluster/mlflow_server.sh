@@ -7,6 +7,7 @@
 # when MLFLOW_AUTH_ADMIN_PASSWORD is set, else open (only this machine reaches it).
 # Cluster (MLFLOW_HOST not a loopback address, so other hosts reach it): the backend must be
 # Postgres (several hosts write runs at once) and the auth settings below must be set.
+# Needs `pip install "mlflow[auth]"` (basic auth) and psycopg2-binary (Postgres).
 #
 # Environment (on a cluster every secret comes from a secret store, never from this repository):
 #   MLFLOW_HOST                  interface to bind (default 127.0.0.1)
@@ -24,7 +25,7 @@ set -euo pipefail
 CHECK=0
 case "${1:-}" in
   --check) CHECK=1 ;;
-  -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
   "") ;;
   *) echo "mlflow_server.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
 esac

@@ -227,7 +227,8 @@ def run_version(client, subject_id: str, run_id: str) -> int | None:
     """The version registered from `run_id`, or None. If two attempts raced and both created
     one, the lowest stays and the others are deleted, so a run has at most one version."""
     name = registry.model_name(subject_id)
-    versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"))
+    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    versions = sorted(int(v.version) for v in found)
     for extra in versions[1:]:
         try:
             client.delete_model_version(name, str(extra))
@@ -237,7 +238,8 @@ def run_version(client, subject_id: str, run_id: str) -> int | None:
     return versions[0] if versions else None
 
 
-def create_version(client, run_id: str, subject_id: str, tags: dict, artifact_path: str = registry.CHECKPOINT_ARTIFACT) -> int:
+def create_version(client, run_id: str, subject_id: str, tags: dict,
+                   artifact_path: str = registry.CHECKPOINT_ARTIFACT) -> int:
     """The run's model version of `subject_id`: the existing one, else a new one from the logged checkpoint."""
     name = registry.model_name(subject_id)
     existing = run_version(client, name, run_id)
@@ -286,7 +288,8 @@ def _set_alias(client, name: str, alias: str, version: int) -> bool:
         client.set_registered_model_alias(name, alias, str(version))
         return True
     except MlflowException as e:  # the SQL store reports the clash as BAD_REQUEST (an IntegrityError)
-        if e.error_code not in ("BAD_REQUEST", "RESOURCE_ALREADY_EXISTS") or _alias_version(client, name, alias) is None:
+        clash = e.error_code in ("BAD_REQUEST", "RESOURCE_ALREADY_EXISTS")
+        if not clash or _alias_version(client, name, alias) is None:
             raise
         return False
 

@@ -170,7 +170,7 @@ def test_kubernetes_mlflow_uses_basic_auth_and_postgres():
     deploy = next(d for d in docs if d["kind"] == "Deployment")
     (c,) = deploy["spec"]["template"]["spec"]["containers"]
     script = " ".join(c["command"] + c["args"])
-    assert "--app-name basic-auth" in script and "NO_PERMISSIONS" in script
+    assert "--app-name basic-auth" in script and "NO_PERMISSIONS" in script and "mlflow[auth]" in script
     env = _env(c)
     assert env["MLFLOW_BACKEND_STORE_URI"]["value"].startswith("postgresql://$(PGUSER):$(PGPASSWORD)@")
     assert env["MLFLOW_AUTH_DATABASE_URI"]["value"].startswith("postgresql://")
@@ -192,7 +192,7 @@ def test_launcher_nodes_use_token_auth_and_a_private_dashboard():
     assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
     mlflow = next(c for c in cfg["head_start_ray_commands"] if "mlflow" in c and "ray start" not in c)
     assert "mlflow_server.sh" in mlflow and "MLFLOW_HOST=0.0.0.0" in mlflow  # so the script's cluster rules apply
-    assert "psycopg2" in " ".join(cfg["setup_commands"])
+    assert "psycopg2" in " ".join(cfg["setup_commands"]) and "mlflow[auth]" in " ".join(cfg["setup_commands"])
 
 
 def _mlflow_script(env: dict) -> subprocess.CompletedProcess:
@@ -228,3 +228,50 @@ def test_mlflow_script_cluster_server_has_basic_auth_on_postgres():
     assert out.returncode == 0, out.stderr
     assert "--app-name basic-auth" in out.stdout and "--backend-store-uri postgresql://mlflow:***@db" in out.stdout
     assert "db-secret" not in out.stdout and "pw-123" not in out.stdout
+
+
+def test_mlflow_script_really_serves_only_with_an_account(tmp_path):
+    """The script's basic-auth server, started for real on a free loopback port (SQLite: local)."""
+    pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs mlflow[auth] (Flask-WTF)")
+    import os
+    import signal
+    import socket
+    import sys
+    import time
+
+    import requests
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    password = "a-long-admin-password-0123456789"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "MLFLOW_PORT": str(port),
+           "COMFUSION_MLFLOW_STATE": str(tmp_path), "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen(["bash", str(REPO / "cluster" / "mlflow_server.sh")], env=env, stdout=log, stderr=log,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search"
+    try:
+        deadline = time.monotonic() + 600  # minutes on 2 cores shared by a busy team
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the MLflow server did not start"
+            try:
+                anonymous = requests.get(url, params={"max_results": 1}, timeout=5)
+                break
+            except requests.RequestException:
+                time.sleep(1)
+        assert anonymous.status_code == 401
+        assert requests.get(url, params={"max_results": 1}, auth=("admin", "wrong"), timeout=30).status_code == 401
+        assert requests.get(url, params={"max_results": 1}, auth=("admin", password), timeout=30).status_code == 200
+        create = requests.post(f"http://127.0.0.1:{port}/api/2.0/mlflow/registered-models/create",
+                               json={"name": "dog"}, timeout=30)
+        assert create.status_code == 401  # nobody without an account registers (or moves an alias)
+        ini = (tmp_path / "basic_auth.ini").read_text()
+        assert "default_permission = NO_PERMISSIONS" in ini and password not in ini
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server we started, and its workers
+            proc.wait(60)
