@@ -110,6 +110,8 @@ class PatientClient:
         self.retries = 0  # how many retries this client made (for logs and tests)
 
     def __getattr__(self, name: str):
+        if name.startswith("__") or name == "client":  # not while (un)pickling or half-built
+            raise AttributeError(name)
         attr = getattr(self.client, name)
         if not callable(attr):
             return attr
