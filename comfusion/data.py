@@ -285,7 +285,8 @@ def check_subject(spec: SubjectSpec, data_cfg: DataConfig, resolution: int, *,
     pixels = []
     for path in spec.images if not outside else ():  # a path outside the root is never opened
         try:
-            img = load_image(path, min_side=data_cfg.min_side, max_pixels=data_cfg.max_pixels)
+            img = load_image(Path(data_cfg.root or ".") / path,  # an absolute `path` stays itself
+                             min_side=data_cfg.min_side, max_pixels=data_cfg.max_pixels)
         except ImageError as e:
             problems.append(str(e))
             continue

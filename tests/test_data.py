@@ -341,6 +341,6 @@ def test_photo_outside_root_is_refused_before_it_is_opened(tmp_path, monkeypatch
         with pytest.raises(SubjectError, match="lies outside data.root"):
             check_subject(SubjectSpec("a", (str(inside), bad), "dog"), cfg, 8)
     assert "secret.jpg" not in opened and "link.jpg" not in opened
-    assert check_subject(SubjectSpec("a", (str(inside),), "dog"), cfg, 8).pixels.shape == (1, 3, 8, 8)
+    assert check_subject(SubjectSpec("a", ("in.jpg",), "dog"), cfg, 8).pixels.shape == (1, 3, 8, 8)  # from the root
     allowed = DataConfig(min_side=32, root=str(root), allow_absolute_paths=True)
     assert check_subject(SubjectSpec("a", (str(outside),), "dog"), allowed, 8).pixels.shape == (1, 3, 8, 8)
