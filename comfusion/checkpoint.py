@@ -9,18 +9,15 @@ loads each part and `StableDiffusionPipeline(..., unet=..., text_encoder=...)` t
     <folder>/text_encoder/model.safetensors
     <folder>/subject.json            # SubjectMeta, with the sha256 of every file above
 
-A checkpoint is written into a hidden sibling folder and renamed into place when complete, so
-readers never see a half-written one. Weights are safetensors only; nothing is pickled.
+A checkpoint is written into a hidden sibling folder and swapped into place when complete
+(`comfusion.fsutil.atomic_dir`), so readers never see a half-written one, nor a moment without one. Weights are safetensors only; nothing is pickled.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +26,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
+
+from comfusion.fsutil import atomic_dir, sha256_file  # noqa: F401  (sha256_file: re-exported)
 
 META_FILE = "subject.json"
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
@@ -96,14 +95,6 @@ class SubjectMeta:
 # writing
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _cpu_state(module: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """A CPU copy of the module's state dict in `dtype` (float tensors only); the module is untouched."""
     return {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
@@ -125,30 +116,6 @@ def _write_text_encoder(text_encoder: CLIPTextModel, folder: Path, dtype: torch.
     save_file(_cpu_state(text_encoder, dtype), folder / TEXT_WEIGHTS, metadata={"format": "pt"})
 
 
-def _fsync_tree(folder: Path) -> None:
-    """Flush the files to disk before the rename publishes them."""
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-
-
-def _publish(tmp: Path, folder: Path) -> None:
-    """Rename the complete `tmp` to `folder`, replacing an existing `folder` (moved aside first)."""
-    old = None
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(folder, old)
-    try:
-        os.rename(tmp, folder)
-    except OSError:
-        if old is not None:
-            os.rename(old, folder)  # put the previous checkpoint back
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def save_subject_checkpoint(folder: str | Path, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
                             meta: SubjectMeta, dtype: str = "fp16") -> Path:
     """Write a subject checkpoint to `folder` atomically, weights in `dtype` ("fp16" or "fp32").
@@ -158,20 +125,13 @@ def save_subject_checkpoint(folder: str | Path, unet: UNet2DConditionModel, text
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_dir(folder) as tmp:
         _write_unet(unet, tmp, DTYPES[dtype])
         _write_text_encoder(text_encoder, tmp, DTYPES[dtype])
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         meta = dataclasses.replace(meta, dtype=dtype, files=files)
         (tmp / META_FILE).write_text(meta.to_json())
-        _fsync_tree(tmp)
-        _publish(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # only still there when something failed
-    return folder
+    return Path(folder)
 
 
 # ---------------------------------------------------------------------------------------

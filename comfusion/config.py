@@ -7,6 +7,8 @@ key or value raises `ConfigError` naming the dotted key (`train.lr`, `loss.tau`,
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +31,17 @@ VARIANTS: tuple[tuple[str, str, dict], ...] = (
     ("tau1", "tau=1", {"loss.tau": 1}),
     ("tau5", "tau=5", {"loss.tau": 5}),
 )
+
+
+MAX_JOB_NAME = 64
+# job.name is an MLflow experiment name, a Ray run-name prefix and a folder under job.storage.
+JOB_NAME_PATTERN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_JOB_NAME - 1}}}")
+
+
+def _show(value: object, limit: int = 60) -> str:
+    """repr() cut to `limit` characters, so a 10 kB value never floods an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class ConfigError(ValueError):
@@ -77,10 +90,12 @@ class DataConfig:
     """Subjects and how their photos are checked and prepared."""
 
     subjects: tuple[SubjectSpec, ...] = ()
-    root: str = ""  # folder that relative image paths start from; "" = the config file's folder
+    root: str = ""  # folder the image paths start from and must stay in; relative: from the config file's folder;
+    #                 "" = the config file's folder (`load_config` writes the resolved folder here)
     scenes: tuple[str, ...] = PAPER_SCENES  # the class-scene prior scenes (supplement D)
     min_side: int = 256  # shortest side a subject photo may have, in pixels
     max_pixels: int = 50_000_000  # decompression-bomb guard: width * height cap
+    allow_absolute_paths: bool = False  # true: image paths may be absolute or leave `root` (trusted configs only)
 
     def __post_init__(self):
         _check(len(self.scenes) >= 1, "scenes", "needs at least one scene")
@@ -187,9 +202,12 @@ class JobSection:
     use_gpu: str = "auto"  # "auto", "yes" or "no"
     schedule_timeout_s: float = 300.0  # give up (naming what holds the cluster) when nothing fits this long
     progress_every_s: float = 15.0  # a progress line per training run at most this often
+    mlflow_outage_s: float = 600.0  # a training run rides out an MLflow outage this long; longer ones fail it
 
     def __post_init__(self):
-        _check(bool(self.name.strip()), "name", "must be non-empty")
+        _check(isinstance(self.name, str) and JOB_NAME_PATTERN.fullmatch(self.name) is not None, "name",
+               f"{_show(self.name)} must match {JOB_NAME_PATTERN.pattern} (letters, digits, '.', '_' and '-', "
+               f"at most {MAX_JOB_NAME} characters; it names the MLflow experiment and a storage folder)")
         _check(len(self.methods) >= 1, "methods", "needs at least one method")
         for m in self.methods:
             _check(m in METHODS, "methods", f"unknown method '{m}'; known: {', '.join(METHODS)}")
@@ -200,6 +218,7 @@ class JobSection:
         _check(self.use_gpu in ("auto", "yes", "no"), "use_gpu", "must be 'auto', 'yes' or 'no'")
         _check(self.schedule_timeout_s > 0, "schedule_timeout_s", "must be > 0")
         _check(self.progress_every_s > 0, "progress_every_s", "must be > 0")
+        _check(self.mlflow_outage_s > 0, "mlflow_outage_s", "must be > 0 seconds")
 
 
 @dataclass(frozen=True)
@@ -372,7 +391,9 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
     """Load a YAML config (or the defaults when `path` is None) and apply dotted overrides.
 
-    Relative subject image paths are resolved against the config file's folder.
+    `data.root` is resolved against the config file's folder (the current folder without a
+    file) and written back as an absolute path; image paths are resolved against it and must stay
+    inside it unless `data.allow_absolute_paths` is true.
     """
     values: dict = {}
     if path is not None:
@@ -391,15 +412,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def _resolve_subject_paths(values: dict, config_dir: Path) -> None:
+    """Resolve image paths against `data.root` (itself relative to the config file's folder),
+    refusing a path that leaves it unless `data.allow_absolute_paths`; writes the resolved root back."""
     data = values.get("data")
-    if not isinstance(data, dict) or not isinstance(data.get("subjects"), list):
+    if not isinstance(data, dict):
         return
     root = data.get("root") or ""
-    base = Path(root) if isinstance(root, str) and root else config_dir
-    for s in data["subjects"]:
+    if not isinstance(root, str):
+        return  # from_dict names the wrong type
+    base = Path(os.path.normpath(config_dir.absolute() / root))
+    data["root"] = str(base)
+    if not isinstance(data.get("subjects"), list):
+        return
+    allow = data.get("allow_absolute_paths") is True
+    for i, s in enumerate(data["subjects"]):
         if isinstance(s, dict) and isinstance(s.get("images"), list):
-            s["images"] = [str(base / p) if isinstance(p, str) and not Path(p).is_absolute() else p
-                           for p in s["images"]]
+            s["images"] = [_inside_root(base, p, allow, f"data.subjects[{i}].images[{j}]") if isinstance(p, str) else p
+                           for j, p in enumerate(s["images"])]
+
+
+def _inside_root(base: Path, path: str, allow: bool, key: str) -> str:
+    resolved = Path(os.path.normpath(base / path))  # an absolute `path` stays itself
+    _check(allow or resolved.is_relative_to(base), key,
+           f"image path {_show(path)} lies outside data.root ({base}); use a path inside it, or set "
+           "data.allow_absolute_paths: true for a trusted config")
+    return str(resolved)
 
 
 def dump_config(cfg: JobConfig) -> str:

@@ -25,6 +25,11 @@ from comfusion.config import DataConfig, SubjectSpec
 # before a trailing newline, so only `fullmatch` refuses "dog\n".
 SUBJECT_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 MIN_IMAGES, MAX_IMAGES = 1, 5
+# Identifier and class noun go into prompts, MLflow tags and run names: short, one line, printable.
+# An identifier is one word (a rare token such as "sks" or "<sks>"); a class noun is up to 4 words.
+MAX_IDENTIFIER, MAX_CLASS_NOUN = 32, 48
+IDENTIFIER_PATTERN = re.compile(rf"[\w<>.\-]{{1,{MAX_IDENTIFIER}}}")
+CLASS_NOUN_PATTERN = re.compile(r"[\w'\-]+(?: [\w'\-]+){0,3}")
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")  # PIL format ids; no other parser sees user bytes
 
 
@@ -221,6 +226,33 @@ def _text_problem(name: str, value: object) -> str | None:
     return None
 
 
+def _word_problem(name: str, value: str) -> str | None:
+    """Length and characters of the identifier / class noun (checked after `_text_problem`)."""
+    limit, pattern, what = ((MAX_IDENTIFIER, IDENTIFIER_PATTERN, "one word of letters, digits, '_', '-', '.', '<', '>'")
+                            if name == "identifier" else
+                            (MAX_CLASS_NOUN, CLASS_NOUN_PATTERN, "1 to 4 words of letters, digits, '-' and "
+                                                                 "apostrophes, separated by single spaces"))
+    if len(value) > limit:
+        return f"{name} is {len(value)} characters long; at most {limit} are allowed"
+    if pattern.fullmatch(value) is None:
+        return f"{name} {_show(value)} must be {what}"
+    return None
+
+
+def _path_problems(paths: Iterable[str], data_cfg: DataConfig) -> list[str]:
+    """Image paths that leave `data.root` (after following symlinks), unless absolute paths are allowed."""
+    if data_cfg.allow_absolute_paths or not data_cfg.root:
+        return []
+    root = Path(data_cfg.root).resolve()
+    problems = []
+    for p in paths:
+        real = (root / p).resolve()  # an absolute `p` stays itself; symlinks are followed
+        if not real.is_relative_to(root):
+            problems.append(f"image {_show(str(p))} lies outside data.root ({root}); set "
+                            "data.allow_absolute_paths: true to allow it")
+    return problems
+
+
 def _spec_problems(spec: SubjectSpec, scenes: object) -> list[str]:
     """Everything about a subject except its photos."""
     problems = []
@@ -230,7 +262,7 @@ def _spec_problems(spec: SubjectSpec, scenes: object) -> list[str]:
     if not MIN_IMAGES <= len(spec.images) <= MAX_IMAGES:
         problems.append(f"has {len(spec.images)} images; a subject needs {MIN_IMAGES} to {MAX_IMAGES}")
     for name in ("identifier", "class_noun"):
-        problem = _text_problem(name, getattr(spec, name))
+        problem = _text_problem(name, getattr(spec, name)) or _word_problem(name, getattr(spec, name))
         if problem:
             problems.append(problem)
     if isinstance(scenes, str) or not scenes:
@@ -248,10 +280,13 @@ def check_subject(spec: SubjectSpec, data_cfg: DataConfig, resolution: int, *,
     """
     scenes = spec.scenes if spec.scenes is not None else data_cfg.scenes
     problems = _spec_problems(spec, scenes)
+    outside = _path_problems(spec.images, data_cfg)
+    problems += outside
     pixels = []
-    for path in spec.images:
+    for path in spec.images if not outside else ():  # a path outside the root is never opened
         try:
-            img = load_image(path, min_side=data_cfg.min_side, max_pixels=data_cfg.max_pixels)
+            img = load_image(Path(data_cfg.root or ".") / path,  # an absolute `path` stays itself
+                             min_side=data_cfg.min_side, max_pixels=data_cfg.max_pixels)
         except ImageError as e:
             problems.append(str(e))
             continue

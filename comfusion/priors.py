@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 
 from comfusion.config import ConfigError, JobConfig, SamplerConfig
+from comfusion.fsutil import clean_stale, sha256_file, write_file_atomic
 from comfusion.prompts import class_scene_text, class_text
 from comfusion.sampling import png_bytes, sample
 
@@ -222,24 +223,6 @@ def cache_dir(storage: str | os.PathLike, plan: PriorPlan) -> Path:
     return Path(storage) / "priors" / plan.key
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary sibling, flush it to disk and rename it over `path`."""
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
-
-
 @contextlib.contextmanager
 def _locked(folder: Path) -> Iterator[None]:
     """Exclusive flock on `<folder>/.lock`: guards the manifest's read-modify-write."""
@@ -264,14 +247,14 @@ def _read_manifest(folder: Path) -> list[ShardEntry]:
 
 def _write_manifest(folder: Path, entries: list[ShardEntry]) -> None:
     shards = [{**asdict(e), "indices": list(e.indices)} for e in entries]
-    _write_atomic(folder / "manifest.json", json.dumps({"shards": shards}, indent=1).encode())
+    write_file_atomic(folder / "manifest.json", json.dumps({"shards": shards}, indent=1).encode())
 
 
 def _shard_ok(folder: Path, entry: ShardEntry) -> bool:
     """True when the shard file exists, matches its checksum, and holds `rows` rows."""
     path = folder / entry.file
     try:
-        if _sha256_file(path) != entry.sha256:
+        if sha256_file(path) != entry.sha256:
             return False
         return pq.read_metadata(path).num_rows == entry.rows == len(entry.indices)
     except (OSError, pa.ArrowException):
@@ -288,8 +271,9 @@ def open_cache(storage: str | os.PathLike, plan: PriorPlan) -> PriorCache:
         if stored != plan:
             raise PriorCacheError(f"{folder} holds another plan than {plan} (key collision)")
     else:
-        _write_atomic(plan_path, json.dumps({"key": plan.key, "format": FORMAT_VERSION, **plan.to_dict()},
+        write_file_atomic(plan_path, json.dumps({"key": plan.key, "format": FORMAT_VERSION, **plan.to_dict()},
                                             indent=1).encode())
+    clean_stale(folder)  # temporary files of writers that died
     cache = PriorCache(folder, plan)
     drop_damaged(cache)
     return cache
@@ -332,13 +316,11 @@ def commit_shard(cache: PriorCache, indices: Sequence[int], pngs: Sequence[bytes
         "latent": [z.tobytes() for z in latents], "latent_shape": [list(z.shape) for z in latents],
     }, schema=SCHEMA)
     name = f"shard-{uuid.uuid4().hex[:16]}.parquet"
-    tmp = cache.folder / f".tmp-{name}"
-    with open(tmp, "wb") as f:
-        pq.write_table(table, f)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename makes it visible
-    entry = ShardEntry(name, tuple(r.index for r in rows), len(rows), _sha256_file(tmp))
-    os.rename(tmp, cache.folder / name)
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    data = buf.getvalue().to_pybytes()
+    entry = ShardEntry(name, tuple(r.index for r in rows), len(rows), hashlib.sha256(data).hexdigest())
+    write_file_atomic(cache.folder / name, data)  # on disk before the manifest names it
     with _locked(cache.folder):
         _write_manifest(cache.folder, _read_manifest(cache.folder) + [entry])
     return entry

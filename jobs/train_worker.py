@@ -140,7 +140,7 @@ def _train_subject(run: SubjectRun) -> None:
         torch.set_num_threads(max(1, int(cfg.job.cpus_per_trainer)))
     subject = check_subject(run.spec, cfg.data, cfg.model.resolution)
     priors = read_priors(run.priors_dir)
-    logger = RunLogger(run.tracking_uri, run.run_id)
+    logger = RunLogger(run.tracking_uri, run.run_id, outage_s=cfg.job.mlflow_outage_s)
     # which process trains this run, for operators (and the fault test)
     logger.client.set_tag(run.run_id, "worker", f"{socket.gethostname()}:{os.getpid()}")
     trainer = SubjectTrainer(cfg, subject, priors, device=ray.train.torch.get_device(),

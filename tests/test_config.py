@@ -83,3 +83,48 @@ def test_config_is_frozen_and_flattens():
     flat = flatten(cfg)
     assert flat["train.lr"] == 1e-5 and flat["loss.tau"] == 3
     assert from_dict(__import__("yaml").safe_load(dump_config(cfg))) == cfg
+
+
+def _manifest(tmp_path, images, root=None, **data):
+    p = tmp_path / "cfg" / "c.yaml"
+    p.parent.mkdir(exist_ok=True)
+    data = {**data, "subjects": [{"id": "a", "class_noun": "dog", "images": images}]}
+    if root is not None:
+        data["root"] = root
+    import yaml
+    p.write_text(yaml.safe_dump({"data": data}))
+    return p
+
+
+@pytest.mark.parametrize("image", ["../x.png", "a/../../x.png", "/etc/passwd"])
+def test_image_paths_outside_root_are_refused_by_key(tmp_path, image):
+    with pytest.raises(ConfigError) as e:
+        load_config(_manifest(tmp_path, ["ok.png", image]))
+    assert e.value.key == "data.subjects[0].images[1]" and "outside data.root" in str(e.value)
+    cfg = load_config(_manifest(tmp_path, ["ok.png", image], allow_absolute_paths=True))
+    assert cfg.data.allow_absolute_paths and len(cfg.data.subjects[0].images) == 2
+
+
+def test_relative_root_starts_at_the_config_folder(tmp_path):
+    cfg = load_config(_manifest(tmp_path, ["dog/1.png", str(tmp_path / "photos" / "dog/2.png")], root="../photos"))
+    assert cfg.data.root == str(tmp_path / "photos")
+    assert cfg.data.subjects[0].images == (str(tmp_path / "photos/dog/1.png"), str(tmp_path / "photos/dog/2.png"))
+    assert load_config(_manifest(tmp_path, ["x.png"])).data.root == str(tmp_path / "cfg")
+
+
+@pytest.mark.parametrize("name", ["a" * 65, "a/b", "..", ".hidden", "with space", "", "x\n"])
+def test_bad_job_names_are_refused_before_any_work(name):
+    with pytest.raises(ConfigError) as e:
+        from_dict({"job": {"name": name}})
+    assert e.value.key == "job.name" and len(str(e.value)) < 300
+
+
+@pytest.mark.parametrize("name", ["demo", "toy-quality", "bench-k2", "paper.v2", "A_1"])
+def test_ordinary_job_names_pass(name):
+    assert from_dict({"job": {"name": name}}).job.name == name
+
+
+def test_mlflow_outage_limit_is_positive():
+    assert from_dict({"job": {"mlflow_outage_s": 30}}).job.mlflow_outage_s == 30.0
+    with pytest.raises(ConfigError, match="job.mlflow_outage_s"):
+        from_dict({"job": {"mlflow_outage_s": 0}})

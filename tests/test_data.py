@@ -296,3 +296,51 @@ def test_dreambooth_dataset_validates():
         subject = check_subject(spec, cfg, 32)
         assert subject.pixels.shape == (len(spec.images), 3, 32, 32)
         assert subject.pixels.min() >= -1.0 and subject.pixels.max() <= 1.0
+
+
+# --------------------------------------------------------------------------------------
+# identifier / class noun limits and paths that leave data.root
+
+
+@pytest.mark.parametrize("field,value,expect", [
+    ("class_noun", "dog" * 2700, "8100 characters long; at most 48"),
+    ("class_noun", "dog; rm -rf", "1 to 4 words"),
+    ("class_noun", "a  dog", "1 to 4 words"),
+    ("class_noun", "very big fluffy brown dog", "1 to 4 words"),
+    ("identifier", "s" * 33, "33 characters long; at most 32"),
+    ("identifier", "sks dog", "one word"),
+    ("identifier", "sks\"", "one word"),
+])
+def test_identifier_and_class_noun_limits_name_the_field(tmp_path, field, value, expect):
+    photo = str(_photo(tmp_path / "ok.jpg"))
+    fields = {"class_noun": "dog", "identifier": "sks", field: value}
+    with pytest.raises(SubjectError) as info:
+        check_subject(SubjectSpec("dog", (photo,), **fields), SMALL, 8)
+    assert len(info.value.problems) == 1 and info.value.problems[0].startswith(field)
+    assert expect in info.value.problems[0] and len(str(info.value)) < 400  # never echoes 8 kB
+
+
+@pytest.mark.parametrize("identifier,class_noun", [("sks", "stuffed animal"), ("<sks>", "rc car"),
+                                                    ("zwx", "teddy-bear"), ("olis", "chien")])
+def test_ordinary_identifiers_and_class_nouns_pass(tmp_path, identifier, class_noun):
+    photo = str(_photo(tmp_path / "ok.jpg"))
+    assert check_subject(SubjectSpec("a", (photo,), class_noun, identifier), SMALL, 8).class_noun == class_noun
+
+
+def test_photo_outside_root_is_refused_before_it_is_opened(tmp_path, monkeypatch):
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    root.mkdir(), elsewhere.mkdir()
+    inside = _photo(root / "in.jpg")
+    outside = _photo(elsewhere / "secret.jpg")
+    (root / "link.jpg").symlink_to(outside)  # a symlink inside the root that points out of it
+    cfg = DataConfig(min_side=32, root=str(root))
+    opened = []
+    real_read = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: opened.append(self.name) or real_read(self))
+    for bad in (str(outside), str(root / ".." / "elsewhere" / "secret.jpg"), str(root / "link.jpg")):
+        with pytest.raises(SubjectError, match="lies outside data.root"):
+            check_subject(SubjectSpec("a", (str(inside), bad), "dog"), cfg, 8)
+    assert "secret.jpg" not in opened and "link.jpg" not in opened
+    assert check_subject(SubjectSpec("a", ("in.jpg",), "dog"), cfg, 8).pixels.shape == (1, 3, 8, 8)  # from the root
+    allowed = DataConfig(min_side=32, root=str(root), allow_absolute_paths=True)
+    assert check_subject(SubjectSpec("a", (str(outside),), "dog"), allowed, 8).pixels.shape == (1, 3, 8, 8)

@@ -169,6 +169,27 @@ def test_concurrent_commits_keep_every_shard(tmp_path):
     assert len(json.loads((caches[0].folder / "manifest.json").read_text())["shards"]) == 8
 
 
+def test_open_cleans_temp_files_of_dead_writers_only(tmp_path):
+    """A writer killed mid-shard leaves a temporary file; the next open removes it, a live one's stays."""
+    import multiprocessing
+    import os
+
+    from comfusion import fsutil
+
+    plan = plan_priors("dog", tiny_cfg())
+    folder = open_cache(tmp_path, plan).folder
+    child = multiprocessing.get_context("fork").Process(target=os.getpid)
+    child.start()
+    child.join()
+    dead = folder / f".shard-0.parquet.tmp-{fsutil._HOST}-{child.pid}-0123abcd"
+    live = fsutil.temp_sibling(folder / "shard-1.parquet")  # this process: alive
+    dead.write_bytes(b"half a shard")
+    live.write_bytes(b"being written")
+    cache = open_cache(tmp_path, plan)
+    assert not dead.exists() and live.exists()
+    assert missing_indices(cache) == list(range(plan.count))
+
+
 def test_commit_refuses_mismatched_rows(tmp_path):
     cache = open_cache(tmp_path, plan_priors("dog", tiny_cfg()))
     with pytest.raises(ValueError, match="matching"):

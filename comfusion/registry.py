@@ -1,0 +1,109 @@
+"""The subject registry contract that the training jobs write and the Serve app reads.
+
+Names and pure rules only: no MLflow here (`jobs.tracking` writes with these names,
+`serve.registry` reads with them).
+
+- A subject is one registered model whose name is the subject id (`model_name`).
+- Each trained checkpoint is one model version, created from the run that trained it (at most
+  one version per run), tagged with `version_tags`.
+- Aliases: the method name (`comfusion`, `dreambooth`) names the best version of that method;
+  `serving` names the version Serve renders.
+- An alias moves only to a better version (`better`): the preferred method first
+  (ComFusion over the DreamBooth baseline), then the higher version number (newer). So a retried
+  or late registration never moves an alias backwards. `choose_alias_target` applies the rule
+  to every version of the subject, which makes concurrent registrations converge on one answer
+  (see `jobs.tracking.point_aliases`). A forced move sets the alias directly; the next
+  registration moves it again to the best version. A rollback that sticks tags the bad versions
+  `retired=true`: no alias names a retired version again.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from comfusion.config import METHODS
+from comfusion.data import SUBJECT_ID_PATTERN, is_valid_subject_id
+
+SERVING_ALIAS = "serving"
+CHECKPOINT_ARTIFACT = "checkpoint"  # the run's artifact folder holding the subject checkpoint
+MODEL_DESCRIPTION = "ComFusion subject checkpoint"
+
+# version tags
+TAG_SUBJECT = "subject"
+TAG_IDENTIFIER = "identifier"
+TAG_CLASS_NOUN = "class_noun"
+TAG_METHOD = "method"
+TAG_CREATED = "created"  # when the checkpoint was trained (subject.json), ISO 8601
+TAG_RETIRED = "retired"  # "true": never named by an alias again (an operator's rollback that sticks)
+VERSION_TAGS = (TAG_SUBJECT, TAG_IDENTIFIER, TAG_CLASS_NOUN, TAG_METHOD, TAG_CREATED)
+
+# Which method's checkpoint a subject serves when it has several: the paper's method first.
+SERVING_PREFERENCE: tuple[str, ...] = METHODS
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """What the alias rule needs to know of one model version."""
+
+    version: int
+    method: str
+    subject: str  # the version's subject tag ("" when untagged)
+    retired: bool = False
+
+
+def model_name(subject_id: str) -> str:
+    """The registered model name of a subject (its id); ValueError for an id that is not one."""
+    if not is_valid_subject_id(subject_id):
+        raise ValueError(f"invalid subject id {subject_id!r}: must match {SUBJECT_ID_PATTERN.pattern}")
+    return subject_id
+
+
+def method_alias(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    return method
+
+
+def version_tags(subject_id: str, identifier: str, class_noun: str, method: str, created: str | None) -> dict:
+    """The tags every version carries (Serve shows identifier, class noun, method, created)."""
+    tags = {TAG_SUBJECT: subject_id, TAG_IDENTIFIER: identifier, TAG_CLASS_NOUN: class_noun, TAG_METHOD: method}
+    if created:
+        tags[TAG_CREATED] = created
+    return tags
+
+
+def version_info(version: int | str, tags: Mapping[str, str] | None) -> VersionInfo:
+    tags = tags or {}
+    return VersionInfo(int(version), tags.get(TAG_METHOD, ""), tags.get(TAG_SUBJECT, ""),
+                       retired=str(tags.get(TAG_RETIRED, "")).lower() == "true")
+
+
+def _rank(method: str) -> int:
+    """Higher is preferred; methods outside SERVING_PREFERENCE rank below all of them."""
+    return len(SERVING_PREFERENCE) - SERVING_PREFERENCE.index(method) if method in SERVING_PREFERENCE else 0
+
+
+def better(a: VersionInfo, b: VersionInfo) -> bool:
+    """Whether `a` should replace `b` under an alias: a preferred method, else a newer version."""
+    return (_rank(a.method), a.version) > (_rank(b.method), b.version)
+
+
+def eligible(info: VersionInfo, subject_id: str, alias: str) -> bool:
+    """Whether a version may ever be named by `alias` of `subject_id`: it is that subject's, and
+    for a method alias, of that method."""
+    if info.subject not in ("", subject_id) or info.retired:  # "": a version from before the tag
+        return False
+    return alias == SERVING_ALIAS or info.method == alias
+
+
+def choose_alias_target(subject_id: str, alias: str, current: VersionInfo | None,
+                        versions: Iterable[VersionInfo]) -> VersionInfo | None:
+    """The version `alias` should name: the best of the current one and every eligible version.
+
+    Never worse than `current`, so an alias only moves forward; None when there is nothing to name.
+    """
+    best = current if current is not None and eligible(current, subject_id, alias) else None
+    for info in versions:
+        if eligible(info, subject_id, alias) and (best is None or better(info, best)):
+            best = info
+    return best
