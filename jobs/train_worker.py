@@ -116,11 +116,9 @@ def train_loop_per_worker(config: dict) -> None:
     try:
         _train_subject(run)
     except (ValueError, ModelNotFoundError) as e:  # NonFiniteLossError, ImageError, SubjectError, ConfigError, ...
-        from mlflow import MlflowClient  # noqa: PLC0415
-
         reason = one_line(e)
         say(f"[{run.name}] failed, not retried: {reason}")
-        client = MlflowClient(run.tracking_uri)
+        client = _mlflow(run)
         client.set_tag(run.run_id, "error", reason)
         client.set_terminated(run.run_id, status="FAILED")
         ray.train.report({"failed": reason})
@@ -199,9 +197,7 @@ def fit_subject(run: SubjectRun) -> dict:
 def _published(run: SubjectRun) -> dict:
     """What the finished run left, as its MLflow run records it (the worker published, registered
     and finished it): steps, final loss, checkpoint folder, model version."""
-    from mlflow import MlflowClient  # noqa: PLC0415
-
-    client = MlflowClient(run.tracking_uri)
+    client = _mlflow(run)
     record = client.get_run(run.run_id)
     if record.info.status == "FAILED":  # a failure that would repeat: ended by the worker
         raise RunFailed(record.data.tags.get("error", "the run failed"))
@@ -213,9 +209,16 @@ def _published(run: SubjectRun) -> dict:
 
 
 def _end_run(run: SubjectRun, status: str) -> None:
+    _mlflow(run).set_terminated(run.run_id, status=status)
+
+
+def _mlflow(run: SubjectRun):
+    """A client of the run's MLflow that rides out outages of up to `job.mlflow_outage_s`."""
     from mlflow import MlflowClient  # noqa: PLC0415
 
-    MlflowClient(run.tracking_uri).set_terminated(run.run_id, status=status)
+    from jobs.tracking import PatientClient  # noqa: PLC0415
+
+    return PatientClient(MlflowClient(run.tracking_uri), run.cfg.job.mlflow_outage_s)
 
 
 def tune_trial(config: dict, runs: list[SubjectRun]) -> None:
