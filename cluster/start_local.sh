@@ -51,7 +51,8 @@ else
     --backend-store-uri "sqlite:///$STORAGE/mlflow.db" \
     --artifacts-destination "$STORAGE/mlartifacts" --workers 1 >"$RUN/mlflow.log" 2>&1 &
   echo $! >"$RUN/mlflow.pid"
-  for _ in $(seq 1 90); do
+  # seconds on an idle machine; minutes on a loaded one (MLFLOW_START_TIMEOUT, default 180 s)
+  for _ in $(seq 1 "${MLFLOW_START_TIMEOUT:-180}"); do
     curl -sf "http://127.0.0.1:$MLFLOW_PORT/health" >/dev/null 2>&1 && break
     sleep 1
   done

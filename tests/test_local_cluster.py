@@ -50,10 +50,10 @@ def head(tmp_path_factory):
     ports = dict(RAY_PORT=_free_port(), DASHBOARD_PORT=_free_port(), AGENT_PORT=_free_port(), MLFLOW_PORT=_free_port())
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
     env.update(HOME=str(home), PYTHON=sys.executable, PATH=f"{BIN}:{env.get('PATH', '')}", RAY_TEMP_DIR=temp_dir,
-               RAY_USAGE_STATS_ENABLED="0", **{k: str(v) for k, v in ports.items()})
+               RAY_USAGE_STATS_ENABLED="0", MLFLOW_START_TIMEOUT="600", **{k: str(v) for k, v in ports.items()})
     try:
         start = subprocess.run(["bash", "cluster/start_local.sh", str(storage)], cwd=REPO, env=env,
-                               capture_output=True, text=True, timeout=300)
+                               capture_output=True, text=True, timeout=900)
         assert start.returncode == 0, start.stdout + start.stderr
         yield dict(env=env, home=home, storage=storage, **ports)
     finally:
