@@ -408,12 +408,12 @@ class SubjectRegistry:
         return found
 
     def _evict(self, keep: Path) -> None:
-        """Drop old versions of `keep`'s subject (all but the newest other one), then the least
-        recently used versions while the cache is over `cache_max_bytes`. `keep` always stays."""
-        versions = sorted(self.cached_versions(), key=lambda v: v[1])  # oldest use first
-        siblings = [v for v in versions if v[0].parent == keep.parent and v[0] != keep]
-        for folder, _, _ in siblings[:-1]:
-            _remove(folder)
+        """Drop the versions of `keep`'s subject older than `keep`, then the least recently used
+        versions while the cache is over `cache_max_bytes`. `keep` always stays."""
+        versions = sorted(self.cached_versions(), key=lambda v: v[1])  # least recently used first
+        for folder, _, _ in versions:
+            if folder.parent == keep.parent and _version_number(folder) < _version_number(keep):
+                _remove(folder)
         versions = [v for v in versions if v[0].exists()]
         total = sum(v[2] for v in versions)
         for folder, _, size in versions:
@@ -440,6 +440,11 @@ class SubjectRegistry:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return folder
+
+
+def _version_number(folder: Path) -> int:
+    """`.../v12` -> 12."""
+    return int(folder.name.removeprefix("v"))
 
 
 def _remove(folder: Path) -> None:
