@@ -233,7 +233,9 @@ class Generator:
         for attempt in range(2):
             try:
                 folder = self.registry.fetch(subject_id, version)
-                return read_subject_weights(folder, device="cpu", dtype=self.dtype)
+                weights = read_subject_weights(folder, device="cpu", dtype=self.dtype)
+                self._counts["healed"] += attempt  # the second attempt worked: the cache healed
+                return weights
             except RegistryUnavailable as e:
                 raise ServeError(f"subject {subject_id!r} version {version} is not cached here and {e}",
                                  status=503) from None
@@ -241,7 +243,6 @@ class Generator:
                 problem = f"{e.file}: {e.problem}" if isinstance(e, CheckpointError) else type(e).__name__
                 log.warning("subject %s v%d damaged (%s); attempt %d", subject_id, version, problem, attempt + 1)
                 self.registry.quarantine(subject_id, version)
-                self._counts["healed"] += attempt == 0
         raise ServeError(f"subject {subject_id!r} version {version}: the checkpoint is damaged ({problem}) "
                          "and the registry's copy did not restore it")
 
@@ -350,6 +351,7 @@ class Ingress:
         self.generator = generator
         self.settings = settings
         self.registry = _registry(settings)
+        self.registry.refresh_soon()  # list the registry while the replica starts
         self.tokenizer = load_tokenizer(settings.base, settings.preset_seed)
         api.state.max_body_bytes = settings.max_body_bytes  # read by BodySizeLimit
 

@@ -200,7 +200,7 @@ class SubjectRegistry:
         """
         if not is_valid_subject_id(subject_id):
             return None
-        self._refresh_soon()
+        self.refresh_soon()
         with self._lock:
             record = self._records.get(subject_id)
             checked = self._unknown.get(subject_id)
@@ -254,8 +254,10 @@ class SubjectRegistry:
         self._failed_at = None
         return result
 
-    def _refresh_soon(self) -> None:
-        """Start a background listing when the last one is older than `ttl_s` (never waited on)."""
+    def refresh_soon(self) -> None:
+        """Start a background listing when the last one is older than `ttl_s` (never waited on).
+
+        Called on every lookup, and once when a replica starts (so its first requests find the list)."""
         now = time.monotonic()
         with self._lock:
             if now - self._tried_at < self.ttl_s or "list" in self._pending:
