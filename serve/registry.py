@@ -211,15 +211,12 @@ class SubjectRegistry:
         return self._wait(f"lookup:{subject_id}", lambda: self._lookup(subject_id))
 
     def list_subjects(self) -> list[SubjectRecord]:
-        """Every subject with the serving alias, sorted by id: fresh when MLflow answers within
-        `lookup_wait_s`, else the last good listing (RegistryUnavailable when there is none)."""
-        fresh = self._listed_at is not None and time.monotonic() - self._listed_at < self.ttl_s
-        if not fresh:
-            try:
-                self._wait("list", self._refresh)
-            except RegistryUnavailable:
-                if self._listed_at is None:
-                    raise
+        """Every subject with the serving alias, sorted by id, from the last good listing (refreshed
+        in the background every `ttl_s`). Only before the first listing is MLflow waited on, for at
+        most `lookup_wait_s` (RegistryUnavailable when it does not answer)."""
+        if self._listed_at is None:
+            self._wait("list", self._refresh)
+        self.refresh_soon()
         with self._lock:
             return sorted(self._records.values(), key=lambda r: r.id)
 
@@ -227,9 +224,18 @@ class SubjectRegistry:
         """False while the last MLflow call failed."""
         return self._failed_at is None
 
+    def _failed_lately(self) -> bool:
+        return self._failed_at is not None and time.monotonic() - self._failed_at < self.ttl_s
+
+    def _call(self, key: str, call):
+        """`call()` here, unless MLflow failed moments ago (then RegistryUnavailable at once)."""
+        if self._failed_lately():
+            raise RegistryUnavailable()
+        return self._guarded(key, call)
+
     def _wait(self, key: str, call):
         """Run `call` (one at a time per key) in the background and wait at most `lookup_wait_s`."""
-        if self._failed_at is not None and time.monotonic() - self._failed_at < self.ttl_s:
+        if self._failed_lately():
             raise RegistryUnavailable()  # failed moments ago: answer now instead of waiting again
         with self._lock:
             future = self._pending.get(key)
@@ -366,8 +372,8 @@ class SubjectRegistry:
             return self._touch(self._version_dir(subject_id, version))
         if version is None:
             record = self.resolve(subject_id)
-        else:
-            record = self._wait(f"version:{subject_id}@{version}", lambda: self._version_record(subject_id, version))
+        else:  # a load, not a lookup: it may wait for MLflow's own (short) timeout
+            record = self._call(f"version:{subject_id}@{version}", lambda: self._version_record(subject_id, version))
         if record is None:
             raise UnknownSubjectError(subject_id)
         folder = self._version_dir(subject_id, record.version)
