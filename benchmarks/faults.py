@@ -169,23 +169,25 @@ async def stats(client: httpx.AsyncClient) -> dict:
 
 
 async def hang_ups(ctx, phase_s: float) -> tuple[float | None, list[str]]:
-    """`--hangups` heavy requests (100 steps x 4 images) whose clients leave after 0.3 s."""
+    """`--hangups` heavy requests (100 steps x 4 images) whose clients leave after `--hangup-after-s`."""
     before = await stats(ctx.client)
     subjects = [SLOW] + ctx.subjects[1:]
     for i in range(ctx.args.hangups):
         heavy = {"subject": subjects[i % len(subjects)], "scene": "on the grass", "seed": i, "steps": 100,
                  "num_images": 4}
         try:
-            await ctx.client.post("/v1/generate", json=heavy, timeout=0.3)
+            await ctx.client.post("/v1/generate", json=heavy, timeout=ctx.args.hangup_after_s)
         except httpx.TimeoutException:
             pass
-        await asyncio.sleep(max(phase_s * 0.8 / ctx.args.hangups - 0.3, 0))
+        await asyncio.sleep(max(phase_s * 0.8 / ctx.args.hangups - ctx.args.hangup_after_s, 0))
     while (after := await stats(ctx.client))["busy"]:
         await asyncio.sleep(0.05)
     stopped = after["stopped"] - before["stopped"]
     ctx.cpu_after = (f"{after['cpu_after_stop'] - before['cpu_after_stop']:.3f} s, "
                      f"{after['steps_after_stop'] - before['steps_after_stop']} steps / {stopped} stopped")
-    return None, [f"{ctx.args.hangups} clients hung up, {stopped} requests stopped"]
+    rendered = after["images"] - before["images"]
+    return None, [f"{ctx.args.hangups} clients hung up after {ctx.args.hangup_after_s} s, {stopped} requests "
+                  f"stopped in the Generator; {rendered} images rendered in the phase (its 2xx: one each)"]
 
 
 async def mlflow_outage(ctx, phase_s: float) -> tuple[float | None, list[str]]:
@@ -315,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=8, help="DDIM steps of the mixed load")
     ap.add_argument("--concurrency", type=int, default=3, help="clients of the mixed load")
     ap.add_argument("--phase-s", type=float, default=20.0, help="seconds of load per phase")
-    ap.add_argument("--hangups", type=int, default=12, help="clients that hang up after 0.3 s")
+    ap.add_argument("--hangups", type=int, default=12, help="clients that hang up mid-request")
+    ap.add_argument("--hangup-after-s", type=float, default=0.3, help="when they hang up")
     ap.add_argument("--swap-delay-s", type=float, default=0.5, help=f"injected delay of swapping {SLOW} in")
     args = ap.parse_args(argv)
     if args.subjects < 3 or args.k >= args.subjects:
