@@ -121,7 +121,8 @@ def run_load(root: Path, folders: list[Path], args, device: str) -> None:
                              max_models_per_replica=args.k, default_steps=args.steps, device=device)
     actor = {"num_gpus": 1, "num_cpus": 1} if device == "cuda" else {"num_cpus": 0.5}
     repo = str(Path(__file__).resolve().parents[1])  # replicas import serve.app from here
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False,
+             log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": repo}})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

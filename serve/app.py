@@ -17,6 +17,7 @@ Run it: `serve run configs/serve.yaml` (or `serve run serve.app:app`).
 # routes that Serve re-creates inside the replica.
 import asyncio
 import base64
+import functools
 import logging
 import secrets
 import threading
@@ -36,17 +37,22 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import CLIPTokenizer
 
 from comfusion import __version__
-from comfusion.checkpoint import CheckpointError, load_subject_weights_, read_subject_weights
+from comfusion.checkpoint import CheckpointError, SubjectMeta, load_subject_weights_, read_subject_weights
 from comfusion.models import BASE_PRESETS, SAVED_PRESETS, build_byte_tokenizer, load_base, resolve_base
 from comfusion.prompts import instance_scene_text
-from comfusion.sampling import default_dtype, png_bytes, sample
-from serve.registry import SubjectRecord, SubjectRegistry, UnknownSubjectError
+from comfusion.sampling import SamplingCancelled, default_dtype, png_bytes, sample
+from serve.docs import add_offline_docs
+from serve.guards import BodySizeLimit, RequestStopped, ServeError, StopFlag, base_mismatch
+from serve.registry import (RegistryUnavailable, SubjectRecord, SubjectRegistry, UnknownSubjectError,
+                            configure_mlflow_http)
 from serve.schemas import MAX_SEED, GenerateRequest, GenerateResponse, SubjectInfo, SubjectList
 from serve.settings import ServeSettings
 
 log = logging.getLogger("ray.serve")
-api = FastAPI(title="ComFusion", version=__version__,
+api = FastAPI(title="ComFusion", version=__version__, docs_url=None, redoc_url=None,
               description="Render trained ComFusion subjects: `a [identifier] [class noun] [scene]`.")
+add_offline_docs(api)  # /docs from the app's own files: works without internet access
+api.add_middleware(BodySizeLimit, default=ServeSettings().max_body_bytes)  # the Ingress sets its own
 
 
 # ---------------------------------------------------------------------------------------
@@ -87,6 +93,16 @@ def unprocessable(field: str, message: str) -> JSONResponse:
 def overloaded(retry_after_s: int) -> JSONResponse:
     return JSONResponse(status_code=503, headers={"Retry-After": str(retry_after_s)},
                         content={"detail": "the model is overloaded; retry later"})
+
+
+def timed_out(timeout_s: float) -> JSONResponse:
+    return JSONResponse(status_code=504, content={"detail": f"not finished within the app's {timeout_s:g} s "
+                                                            "request timeout; its compute was stopped"})
+
+
+async def _result(response):
+    """A DeploymentResponse as a coroutine (for `asyncio.wait_for`)."""
+    return await response
 
 
 def _root_cause(e: BaseException) -> BaseException:
@@ -136,11 +152,6 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 # the model deployment
 
 
-class ModelError(RuntimeError):
-    """Loading a subject or sampling failed; carries a one-line message across the Ray boundary
-    (some exceptions, e.g. CheckpointError, cannot be rebuilt on the caller's side)."""
-
-
 class SubjectWeights:
     """The multiplexed "model": one subject version's state dicts on the CPU.
 
@@ -163,10 +174,23 @@ def _pin(state: dict) -> dict:
     return {k: v.pin_memory() for k, v in state.items()}
 
 
+def _registry(settings: ServeSettings) -> SubjectRegistry:
+    """The replica's registry view, with MLflow's HTTP timeouts and retries shortened first."""
+    configure_mlflow_http(settings.registry_timeout_s, settings.registry_retries)
+    return SubjectRegistry(settings.tracking_uri, settings.cache_dir, ttl_s=settings.registry_ttl_s,
+                           lookup_wait_s=settings.lookup_wait_s, max_lookups=settings.max_lookups,
+                           cache_max_bytes=int(settings.cache_max_mb * 2**20))
+
+
 @serve.deployment(name="Generator", max_ongoing_requests=4, max_queued_requests=8,
                   ray_actor_options={"num_cpus": 1})
 class Generator:
-    """One base pipeline per replica; subjects' weights cached (LRU, K per replica) and swapped in."""
+    """One base pipeline per replica; subjects' weights cached (LRU, K per replica) and swapped in.
+
+    The swap and the sampling of one request run in one worker thread that owns the pipeline
+    until it returns: a cancelled request cannot release the pipeline half-way through a swap.
+    Cancelling sets the request's StopFlag, which the sampler checks every denoising step.
+    """
 
     def __init__(self, settings: ServeSettings):
         self.settings = settings
@@ -174,12 +198,13 @@ class Generator:
         self.dtype = default_dtype(self.device)
         self.components = load_base(settings.base, seed=settings.preset_seed, device=self.device, dtype=self.dtype)
         self.pipeline_builds = 1  # never rebuilt for a request: only weights are swapped
-        self.registry = SubjectRegistry(settings.tracking_uri, settings.cache_dir, ttl_s=settings.registry_ttl_s)
-        self._lock = asyncio.Lock()  # one image at a time owns the pipeline's weights
+        self.registry = _registry(settings)
+        self._lock = asyncio.Lock()  # held from before a request's thread starts until it has ended
         self._current: str | None = None  # model id whose weights are in the pipeline now
         self._loaded: set[str] = set()  # model ids in the multiplex cache
         self._loaded_lock = threading.Lock()  # eviction reports come from an executor thread
-        self._counts = dict(loads=0, evictions=0, swaps=0, swap_seconds=0.0, load_seconds=0.0, images=0)
+        self._counts = dict(loads=0, evictions=0, swaps=0, swap_seconds=0.0, load_seconds=0.0, images=0,
+                            stopped=0, steps_after_stop=0, cpu_after_stop=0.0, healed=0)
 
         async def load_subject(mid: str) -> SubjectWeights:
             return await self._load_subject(mid)
@@ -188,12 +213,12 @@ class Generator:
             load_subject)
 
     async def _load_subject(self, mid: str) -> SubjectWeights:
-        """Fetch (registry cache) and read one subject version's weights to the CPU."""
+        """Fetch (disk cache, else the registry), verify and read one subject version's weights."""
         t0 = time.perf_counter()
         subject_id, version = split_model_id(mid)
-        folder = await asyncio.to_thread(self.registry.fetch, subject_id, version)
-        unet_state, text_state, meta = await asyncio.to_thread(read_subject_weights, folder, device="cpu",
-                                                               dtype=self.dtype)
+        unet_state, text_state, meta = await asyncio.to_thread(self._read_whole, subject_id, version)
+        if (why := base_mismatch(meta, self.settings.base, self.settings.preset_seed)) is not None:
+            raise ServeError(f"subject {subject_id!r} version {version} {why}", status=409)
         if self.device == "cuda":
             unet_state, text_state = _pin(unet_state), _pin(text_state)
         with self._loaded_lock:
@@ -202,52 +227,113 @@ class Generator:
         self._counts["load_seconds"] += time.perf_counter() - t0
         return SubjectWeights(mid, unet_state, text_state, meta, self._released)
 
+    def _read_whole(self, subject_id: str, version: int) -> tuple[dict, dict, SubjectMeta]:
+        """The verified weights; a cached copy that fails its checksums is moved aside and fetched
+        once more. ServeError naming the subject and version (no paths) when it stays damaged."""
+        for attempt in range(2):
+            try:
+                folder = self.registry.fetch(subject_id, version)
+                weights = read_subject_weights(folder, device="cpu", dtype=self.dtype)
+                self._counts["healed"] += attempt  # the second attempt worked: the cache healed
+                return weights
+            except RegistryUnavailable as e:
+                raise ServeError(f"subject {subject_id!r} version {version} is not cached here and {e}",
+                                 status=503) from None
+            except (CheckpointError, OSError, ValueError) as e:
+                problem = f"{e.file}: {e.problem}" if isinstance(e, CheckpointError) else type(e).__name__
+                log.warning("subject %s v%d damaged (%s); attempt %d", subject_id, version, problem, attempt + 1)
+                self.registry.quarantine(subject_id, version)
+        raise ServeError(f"subject {subject_id!r} version {version}: the checkpoint is damaged ({problem}) "
+                         "and the registry's copy did not restore it")
+
     def _released(self, mid: str) -> None:
         with self._loaded_lock:
             if mid in self._loaded:
                 self._loaded.discard(mid)
                 self._counts["evictions"] += 1
 
-    async def _swap_in(self, weights: SubjectWeights) -> None:
-        """Copy the subject's weights into the pipeline in place (caller holds the lock)."""
+    def _swap_in(self, weights: SubjectWeights) -> None:
+        """Copy the subject's weights into the pipeline in place (worker thread, pipeline owned)."""
         if self._current == weights.mid:
             return
         t0 = time.perf_counter()
         self._current = None  # unknown until the copy completes
-        await asyncio.to_thread(load_subject_weights_, self.components, weights.state)
+        if self.settings.fault_slow_subject and weights.mid.startswith(f"{self.settings.fault_slow_subject}@"):
+            time.sleep(self.settings.fault_swap_delay_s)  # fault injection: a slow swap
+        load_subject_weights_(self.components, weights.state)
         self._current = weights.mid
         self._counts["swaps"] += 1
         self._counts["swap_seconds"] += time.perf_counter() - t0
 
+    def _render(self, weights: SubjectWeights, prompt: str, seeds: list[int], stop: StopFlag, **kw):
+        """Swap (never interrupted) and sample (stopped at the next step once `stop` is set)."""
+        if stop():
+            raise SamplingCancelled("stopped before it started")
+        self._swap_in(weights)
+        return sample(self.components, [prompt] * len(seeds), seeds, cancel=stop, **kw)
+
+    async def _run_owned(self, func, stop: StopFlag):
+        """`func()` in a worker thread that owns the pipeline until it returns, whatever happens to
+        the awaiting task: the lock is released by the thread's completion, not by the task."""
+        await self._lock.acquire()  # a cancel while waiting here leaves the lock untouched
+        loop = asyncio.get_running_loop()
+        try:
+            future = loop.run_in_executor(None, func)
+        except BaseException:
+            self._lock.release()
+            raise
+        future.add_done_callback(lambda _: self._lock.release())
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            stop.set("cancelled")  # the sampler stops at its next step; the swap, if running, completes
+            future.add_done_callback(lambda f: self._count_stop(stop, f))
+            raise
+
+    def _count_stop(self, stop: StopFlag, future: asyncio.Future | None = None) -> None:
+        if future is not None and not future.cancelled():
+            future.exception()  # retrieved: SamplingCancelled is the expected end of a cancelled request
+        self._counts["stopped"] += 1
+        self._counts["steps_after_stop"] += int(stop.cpu_after_stop > 0)
+        self._counts["cpu_after_stop"] += stop.cpu_after_stop
+
     async def generate(self, prompt: str, seeds: list[int], steps: int, guidance_scale: float,
-                       height: int | None, width: int | None) -> dict:
-        """PNG bytes of one image per seed, for the subject named by the request's model id."""
+                       height: int | None, width: int | None, deadline: float | None = None) -> dict:
+        """PNG bytes of one image per seed, for the subject named by the request's model id.
+
+        `deadline` (wall-clock seconds) stops the sampling like a cancel does.
+        """
         mid = serve.get_multiplexed_model_id()
+        stop = StopFlag(deadline)
         try:
             weights = await self._get_subject(mid)
-            async with self._lock:
-                await self._swap_in(weights)
-                out = await asyncio.to_thread(sample, self.components, [prompt] * len(seeds), seeds, steps=steps,
-                                              guidance_scale=guidance_scale, height=height, width=width)
-        except UnknownSubjectError:
+            out = await self._run_owned(functools.partial(
+                self._render, weights, prompt, seeds, stop, steps=steps, guidance_scale=guidance_scale,
+                height=height, width=width), stop)
+        except (UnknownSubjectError, ServeError):
             raise
+        except SamplingCancelled:
+            self._count_stop(stop)
+            raise RequestStopped(f"generation {stop.reason or 'stopped'} after {stop.steps} of {steps} steps") from None
         except Exception as e:  # noqa: BLE001 - one message line for the ingress's 500
             log.error("generation failed for %s: %s: %s", mid, type(e).__name__, e)
             message = str(e).replace(e.folder, mid) if isinstance(e, CheckpointError) else str(e)
-            raise ModelError(f"{type(e).__name__}: {message}") from None  # no server paths for clients
+            raise ServeError(f"{type(e).__name__}: {message}") from None  # no server paths for clients
         self._counts["images"] += len(seeds)
         pngs = await asyncio.to_thread(lambda: [png_bytes(img) for img in out.images])
         h, w = out.images.shape[1:3]
         return dict(images=pngs, seeds=list(seeds), height=int(h), width=int(w))
 
     async def stats(self) -> dict:
-        """Replica state for tests and dashboards."""
+        """Replica state for tests, benchmarks and dashboards."""
         with self._loaded_lock:
             loaded = sorted(self._loaded)
+        cpu = psutil.Process().cpu_times()
         return dict(replica=serve.get_replica_context().replica_id.unique_id, device=self.device,
                     dtype=str(self.dtype), pipeline_builds=self.pipeline_builds, loaded=loaded,
                     current=self._current, max_models_per_replica=self.settings.max_models_per_replica,
-                    rss_bytes=psutil.Process().memory_info().rss, **self._counts)
+                    rss_bytes=psutil.Process().memory_info().rss, cpu_seconds=cpu.user + cpu.system,
+                    busy=self._lock.locked(), **self._counts)
 
 
 # ---------------------------------------------------------------------------------------
@@ -264,8 +350,10 @@ class Ingress:
     def __init__(self, generator: DeploymentHandle, settings: ServeSettings):
         self.generator = generator
         self.settings = settings
-        self.registry = SubjectRegistry(settings.tracking_uri, settings.cache_dir, ttl_s=settings.registry_ttl_s)
+        self.registry = _registry(settings)
+        self.registry.refresh_soon()  # list the registry while the replica starts
         self.tokenizer = load_tokenizer(settings.base, settings.preset_seed)
+        api.state.max_body_bytes = settings.max_body_bytes  # read by BodySizeLimit
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
@@ -276,7 +364,7 @@ class Ingress:
         """Every subject with a `serving` version: id, identifier, class noun, method, metrics."""
         try:
             records = await asyncio.to_thread(self.registry.list_subjects)
-        except Exception as e:  # noqa: BLE001 - the registry backend is down
+        except RegistryUnavailable as e:  # down, and never listed since this replica started
             return self._registry_down(e)
         return SubjectList(subjects=[SubjectInfo(**r.public()) for r in records])
 
@@ -289,9 +377,9 @@ class Ingress:
             return overloaded(self.settings.retry_after_s)
 
     def _registry_down(self, e: Exception) -> JSONResponse:
-        log.error("registry lookup failed: %s: %s", type(e).__name__, e)
+        log.warning("registry lookup failed: %s: %s", type(e).__name__, e)
         return JSONResponse(status_code=503, headers={"Retry-After": str(self.settings.retry_after_s)},
-                            content={"detail": "the subject registry is unavailable"})
+                            content={"detail": f"{e}; retry later"})
 
     def _prompt(self, req: GenerateRequest, record: SubjectRecord) -> tuple[str, str]:
         """The text to render and the request field it came from."""
@@ -310,13 +398,16 @@ class Ingress:
 
     @api.post("/v1/generate", response_model=GenerateResponse, responses={
         200: {"content": {"image/png": {}}, "description": "JSON, or the PNG itself for `Accept: image/png`"},
-        404: {"description": "unknown subject"}, 422: {"description": "invalid request"},
-        503: {"description": "overloaded; see Retry-After"}})
+        404: {"description": "unknown subject"}, 409: {"description": "the subject's base is not the app's"},
+        413: {"description": "body too large"}, 422: {"description": "invalid request"},
+        503: {"description": "overloaded, or the registry is down for a subject not seen before; see Retry-After"},
+        504: {"description": "not finished within the app's request timeout"}})
     async def generate(self, req: GenerateRequest, request: Request):
         """Render the subject: with `scene`, the prompt is `a [identifier] [class noun] [scene]`."""
+        deadline = time.time() + self.settings.request_timeout_s  # no header moves it
         try:
             record = await asyncio.to_thread(self.registry.resolve, req.subject)
-        except Exception as e:  # noqa: BLE001 - the registry backend is down, not the request's fault
+        except RegistryUnavailable as e:  # only for subjects never seen while MLflow answered
             return self._registry_down(e)
         if record is None:
             return JSONResponse(status_code=404, content={"detail": f"unknown subject {req.subject!r}"})
@@ -330,7 +421,7 @@ class Ingress:
         first = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1)
         seeds = [first + i for i in range(req.num_images)]
         steps = req.steps or self.settings.default_steps
-        result = await self._call_generator(record, prompt, seeds, steps, req)
+        result = await self._call_generator(record, prompt, seeds, steps, req, deadline)
         if isinstance(result, Response):
             return result
         if png:
@@ -341,24 +432,39 @@ class Ingress:
                                 guidance_scale=req.guidance_scale, height=result["height"], width=result["width"])
 
     async def _call_generator(self, record: SubjectRecord, prompt: str, seeds: list[int], steps: int,
-                              req: GenerateRequest) -> dict | Response:
-        """The Generator's result, or the error response: 503 when overloaded, 500 when it failed."""
+                              req: GenerateRequest, deadline: float) -> dict | Response:
+        """The Generator's result, or the error response (503 overloaded, 504 past the deadline, the
+        Generator's status for its errors). A cancelled request cancels the Generator's call."""
         handle = self.generator.options(multiplexed_model_id=model_id(record))
-        try:
-            return await handle.generate.remote(prompt, seeds, steps, req.guidance_scale, req.height, req.width)
+        response = handle.generate.remote(prompt, seeds, steps, req.guidance_scale, req.height, req.width, deadline)
+        try:  # the Generator stops itself at the deadline; the grace covers its reply in flight
+            return await asyncio.wait_for(_result(response), timeout=max(deadline - time.time(), 0) + 5.0)
+        except (TimeoutError, asyncio.TimeoutError):
+            response.cancel()
+            return timed_out(self.settings.request_timeout_s)
+        except asyncio.CancelledError:
+            response.cancel()  # the client hung up: stop the Generator's work too
+            raise
         except BackPressureError:
             return overloaded(self.settings.retry_after_s)
-        except Exception as e:  # noqa: BLE001 - reported as a 500 with a message, never a stack
-            cause = _root_cause(e)
-            if isinstance(cause, BackPressureError):
-                return overloaded(self.settings.retry_after_s)
-            if isinstance(cause, UnknownSubjectError):
-                return JSONResponse(status_code=404, content={"detail": str(cause)})
-            first_line = (str(cause).strip().splitlines() or [""])[0][:300]
-            if not isinstance(cause, ModelError):
-                first_line = f"{type(cause).__name__}: {first_line}"
-                log.error("generator call failed for %s: %s", model_id(record), first_line)
-            return JSONResponse(status_code=500, content={"detail": f"generation failed: {first_line}"})
+        except Exception as e:  # noqa: BLE001 - reported with its status and a message, never a stack
+            return self._generator_error(record, _root_cause(e))
+
+    def _generator_error(self, record: SubjectRecord, cause: BaseException) -> JSONResponse:
+        if isinstance(cause, BackPressureError):
+            return overloaded(self.settings.retry_after_s)
+        if isinstance(cause, UnknownSubjectError):
+            return JSONResponse(status_code=404, content={"detail": str(cause)})
+        if isinstance(cause, RequestStopped):
+            return timed_out(self.settings.request_timeout_s)
+        first_line = (str(cause).strip().splitlines() or [""])[0][:300]
+        if isinstance(cause, ServeError):
+            headers = {"Retry-After": str(self.settings.retry_after_s)} if cause.status == 503 else None
+            prefix = "generation failed: " if cause.status == 500 else ""
+            return JSONResponse(status_code=cause.status, headers=headers, content={"detail": prefix + first_line})
+        first_line = f"{type(cause).__name__}: {first_line}"
+        log.error("generator call failed for %s: %s", model_id(record), first_line)
+        return JSONResponse(status_code=500, content={"detail": f"generation failed: {first_line}"})
 
 
 # ---------------------------------------------------------------------------------------

@@ -6,17 +6,24 @@ version named after the subject id and points the `serving` alias at it.
 
 Reading side (the Serve app): `SubjectRegistry` lists servable subjects, resolves a subject id
 to the version its alias names (None for an unknown id), and fetches that version's checkpoint
-into a local cache folder, verified. Lookups are cached for a few seconds only, so a subject
-registered (or re-registered) after the app started is served without a redeploy.
+into a local cache folder, verified. Records are refreshed every few seconds, so a subject
+registered (or re-registered) after the app started is served without a redeploy, and the last
+good ones keep serving while MLflow is down.
 """
 from __future__ import annotations
 
 import json
+import logging
+import math
+import os
 import shutil
 import tempfile
 import threading
 import time
 import uuid
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,9 +31,10 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from comfusion.checkpoint import META_FILE, SubjectMeta, verify_checkpoint
+from comfusion.checkpoint import META_FILE, CheckpointError, SubjectMeta, verify_checkpoint
 from comfusion.data import is_valid_subject_id
 
+log = logging.getLogger("ray.serve")
 SERVING_ALIAS = "serving"
 # What `get_model_version_by_alias` raises for an unknown model / an unknown alias.
 _NOT_FOUND_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
@@ -122,49 +130,198 @@ def register_subject(client_or_uri: MlflowClient | str | None, run_id: str, subj
 # reading
 
 
+class RegistryUnavailable(RuntimeError):
+    """MLflow did not answer in time (or at all); nothing is known about the subject asked for."""
+
+    def __init__(self, what: str = "the subject registry is unavailable"):
+        super().__init__(what)
+
+
+def configure_mlflow_http(timeout_s: int, retries: int) -> None:
+    """Short MLflow HTTP timeouts and few retries for this process (a Serve replica).
+
+    MLflow's defaults (120 s per call, 7 retries with exponential back-off) put minutes of
+    waiting on a request path when the server is down. MLflow reads these at every call.
+    """
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(timeout_s))
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(int(retries))
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"] = "0"
+
+
 def _iso_from_ms(ms: int | None) -> str | None:
     if not ms:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(ms / 1000))
 
 
-class SubjectRegistry:
-    """Read-only view of the registry for serving, with a short lookup cache.
+def _not_found(e: Exception) -> bool:
+    return isinstance(e, MlflowException) and e.error_code in _NOT_FOUND_CODES
 
-    `cache_dir` receives fetched checkpoints as `<cache_dir>/<subject_id>/v<version>/`.
+
+class SubjectRegistry:
+    """Read-only view of the registry for serving that keeps answering while MLflow is down.
+
+    - Subjects seen before are answered from their last good record, never with an MLflow call
+      on the request's path; once `ttl_s` has passed, one background refresh (a single listing
+      of the registry) brings new subjects and moved aliases in.
+    - A subject not seen before costs one lookup, waited on for at most `lookup_wait_s`; when
+      MLflow does not answer, or failed within the last `ttl_s`, `RegistryUnavailable` is raised.
+      Unknown ids are remembered for `ttl_s` in a cache of at most `max_lookups` entries.
+    - `cache_dir` receives checkpoints as `<cache_dir>/<subject_id>/v<version>/`, verified on
+      download; `quarantine` moves a damaged one aside, and the cache stays under
+      `cache_max_bytes` by dropping the least recently used versions.
     """
 
     def __init__(self, tracking_uri: str | None, cache_dir: str | Path, *, alias: str = SERVING_ALIAS,
-                 ttl_s: float = 2.0):
+                 ttl_s: float = 2.0, lookup_wait_s: float = 1.5, max_lookups: int = 1024,
+                 cache_max_bytes: int | None = None):
         self.tracking_uri = tracking_uri
         self.cache_dir = Path(cache_dir).expanduser().resolve()
         self.alias = alias
-        self.ttl_s = ttl_s
+        self.ttl_s, self.lookup_wait_s, self.max_lookups = ttl_s, lookup_wait_s, max_lookups
+        self.cache_max_bytes = cache_max_bytes
         self._client = MlflowClient(tracking_uri=tracking_uri)
         self._lock = threading.Lock()
-        self._cache: dict[str, tuple[float, SubjectRecord | None]] = {}
+        self._records: dict[str, SubjectRecord] = {}  # last good record of every subject seen
+        self._unknown: OrderedDict[str, float] = OrderedDict()  # id -> when MLflow said "no such subject"
+        self._listed_at: float | None = None  # when the last listing succeeded
+        self._tried_at = -math.inf  # when a listing was last started
+        self._failed_at: float | None = None  # when an MLflow call last failed (None: it answers)
+        self._pending: dict[str, Future] = {}  # one MLflow call in flight per key
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="registry")
 
     # --- lookups
 
     def resolve(self, subject_id: str) -> SubjectRecord | None:
-        """The record the serving alias names, or None for an unknown (or invalid) id."""
+        """The record the serving alias names, or None for an unknown (or invalid) id.
+
+        Raises RegistryUnavailable only for a subject never seen while MLflow was up.
+        """
         if not is_valid_subject_id(subject_id):
             return None
+        self.refresh_soon()
+        with self._lock:
+            record = self._records.get(subject_id)
+            checked = self._unknown.get(subject_id)
+        if record is not None:
+            return record
+        if checked is not None and time.monotonic() - checked < self.ttl_s:
+            return None
+        return self._wait(f"lookup:{subject_id}", lambda: self._lookup(subject_id))
+
+    def list_subjects(self) -> list[SubjectRecord]:
+        """Every subject with the serving alias, sorted by id, from the last good listing (refreshed
+        in the background every `ttl_s`). Only before the first listing is MLflow waited on, for at
+        most `lookup_wait_s` (RegistryUnavailable when it does not answer)."""
+        if self._listed_at is None:
+            self._wait("list", self._refresh)
+        self.refresh_soon()
+        with self._lock:
+            return sorted(self._records.values(), key=lambda r: r.id)
+
+    def healthy(self) -> bool:
+        """False while the last MLflow call failed."""
+        return self._failed_at is None
+
+    def _failed_lately(self) -> bool:
+        return self._failed_at is not None and time.monotonic() - self._failed_at < self.ttl_s
+
+    def _call(self, key: str, call):
+        """`call()` here, unless MLflow failed moments ago (then RegistryUnavailable at once)."""
+        if self._failed_lately():
+            raise RegistryUnavailable()
+        return self._guarded(key, call)
+
+    def _wait(self, key: str, call):
+        """Run `call` (one at a time per key) in the background and wait at most `lookup_wait_s`."""
+        if self._failed_lately():
+            raise RegistryUnavailable()  # failed moments ago: answer now instead of waiting again
+        with self._lock:
+            future = self._pending.get(key)
+            if future is None:
+                future = self._pending[key] = self._pool.submit(self._guarded, key, call)
+        try:
+            return future.result(timeout=self.lookup_wait_s)
+        except FutureTimeout:
+            raise RegistryUnavailable("the subject registry did not answer in time") from None
+
+    def _guarded(self, key: str, call):
+        """`call()`, recording MLflow's health; any failure becomes RegistryUnavailable."""
+        try:
+            result = call()
+        except Exception as e:  # noqa: BLE001 - connection refused, timeouts, 5xx: all "unavailable"
+            self._failed_at = time.monotonic()
+            log.warning("registry call %s failed: %s: %s", key, type(e).__name__, str(e).splitlines()[0][:200])
+            raise RegistryUnavailable() from None
+        finally:
+            with self._lock:
+                self._pending.pop(key, None)
+        self._failed_at = None
+        return result
+
+    def refresh_soon(self) -> None:
+        """Start a background listing when the last one is older than `ttl_s` (never waited on).
+
+        Called on every lookup, and once when a replica starts (so its first requests find the list)."""
         now = time.monotonic()
         with self._lock:
-            hit = self._cache.get(subject_id)
-        if hit is not None and now - hit[0] < self.ttl_s:
-            return hit[1]
-        record = self._lookup(subject_id)
+            if now - self._tried_at < self.ttl_s or "list" in self._pending:
+                return
+            self._tried_at = now
+            self._pending["list"] = self._pool.submit(self._guarded, "list", self._refresh)
+
+    def _refresh(self) -> None:
+        """Replace the records with one listing of the registry; unchanged versions are reused."""
         with self._lock:
-            self._cache[subject_id] = (now, record)
-        return record
+            self._tried_at = time.monotonic()
+            old = dict(self._records)
+        records = {}
+        for name, version in self._aliased_models():
+            kept = old.get(name)
+            records[name] = kept if kept is not None and kept.version == version else self._version_record(
+                name, version)
+        with self._lock:
+            self._records = {k: v for k, v in records.items() if v is not None}
+            self._listed_at = time.monotonic()
+            self._unknown.clear()
+
+    def _aliased_models(self) -> list[tuple[str, int]]:
+        """(subject id, serving version) of every registered model with the alias."""
+        found, token = [], None
+        while True:
+            page = self._client.search_registered_models(max_results=100, page_token=token)
+            for model in page:
+                version = (model.aliases or {}).get(self.alias)
+                if version is not None and is_valid_subject_id(model.name):
+                    found.append((model.name, int(version)))
+            token = page.token
+            if not token:
+                return found
 
     def _lookup(self, subject_id: str) -> SubjectRecord | None:
         try:
             mv = self._client.get_model_version_by_alias(subject_id, self.alias)
         except MlflowException as e:
-            if e.error_code in _NOT_FOUND_CODES:
+            if not _not_found(e):
+                raise
+            mv = None
+        record = None if mv is None else self._record(subject_id, mv)
+        with self._lock:
+            if record is None:
+                self._unknown[subject_id] = time.monotonic()
+                self._unknown.move_to_end(subject_id)
+                while len(self._unknown) > self.max_lookups:
+                    self._unknown.popitem(last=False)
+            else:
+                self._records[subject_id] = record
+        return record
+
+    def _version_record(self, subject_id: str, version: int) -> SubjectRecord | None:
+        try:
+            mv = self._client.get_model_version(subject_id, str(int(version)))
+        except MlflowException as e:
+            if _not_found(e):
                 return None
             raise
         return self._record(subject_id, mv)
@@ -180,30 +337,16 @@ class SubjectRegistry:
     def _metrics(self, subject_id: str, version: int, run_id: str | None) -> dict:
         """subject.json's metrics when the checkpoint is cached here, else the run's latest metrics."""
         meta_file = self.cache_dir / subject_id / f"v{version}" / META_FILE
-        if meta_file.is_file():
+        try:
             metrics = json.loads(meta_file.read_text()).get("metrics") or {}
-            if metrics:
-                return metrics
-        if not run_id:
-            return {}
+        except (OSError, ValueError):
+            metrics = {}
+        if metrics or not run_id:
+            return metrics
         try:
             return dict(self._client.get_run(run_id).data.metrics)
         except MlflowException:
             return {}  # the run was deleted: the version is still servable
-
-    def list_subjects(self) -> list[SubjectRecord]:
-        """Every registered model with the serving alias, sorted by id."""
-        records, token = [], None
-        while True:
-            page = self._client.search_registered_models(max_results=100, page_token=token)
-            for model in page:
-                version = (model.aliases or {}).get(self.alias)
-                if version is not None and is_valid_subject_id(model.name):
-                    mv = self._client.get_model_version(model.name, str(version))
-                    records.append(self._record(model.name, mv))
-            token = page.token
-            if not token:
-                return sorted(records, key=lambda r: r.id)
 
     # --- checkpoints
 
@@ -217,30 +360,76 @@ class SubjectRegistry:
         return folder
 
     def fetch(self, subject_id: str, version: int | None = None) -> Path:
-        """The local, verified checkpoint folder of the subject's serving version (or `version`).
+        """The local checkpoint folder of the subject's serving version (or `version`).
 
-        Downloads once into a temporary sibling, verifies every file's sha256 and that
-        `subject.json` names this subject, then renames it into place; later calls return the
-        published folder. UnknownSubjectError when the subject (or version) is not registered.
+        A folder already in the cache is returned without asking MLflow (it was verified when
+        it was published; readers verify again and `quarantine` it when damaged). Otherwise it is
+        downloaded into a temporary sibling, verified (every file's sha256, and `subject.json`
+        names this subject) and renamed into place. UnknownSubjectError when the subject (or
+        version) is not registered; RegistryUnavailable when MLflow does not answer.
         """
-        record = self.resolve(subject_id) if version is None else self._version_record(subject_id, version)
+        if version is not None and (self._version_dir(subject_id, version) / META_FILE).is_file():
+            return self._touch(self._version_dir(subject_id, version))
+        if version is None:
+            record = self.resolve(subject_id)
+        else:  # a load, not a lookup: it may wait for MLflow's own (short) timeout
+            record = self._call(f"version:{subject_id}@{version}", lambda: self._version_record(subject_id, version))
         if record is None:
             raise UnknownSubjectError(subject_id)
         folder = self._version_dir(subject_id, record.version)
         if (folder / META_FILE).is_file():
-            return folder  # verified when it was published
-        return self._download(record, folder)
-
-    def _version_record(self, subject_id: str, version: int) -> SubjectRecord | None:
-        if not is_valid_subject_id(subject_id):
-            return None
+            return self._touch(folder)
         try:
-            mv = self._client.get_model_version(subject_id, str(int(version)))
-        except MlflowException as e:
-            if e.error_code in _NOT_FOUND_CODES:
-                return None
+            self._download(record, folder)
+        except (CheckpointError, ValueError):
             raise
-        return self._record(subject_id, mv)
+        except Exception as e:  # noqa: BLE001 - the artifact store did not answer
+            self._failed_at = time.monotonic()
+            raise RegistryUnavailable(f"the checkpoint of {subject_id!r} v{record.version} could not be "
+                                      f"downloaded ({type(e).__name__})") from None
+        self._evict(keep=folder)
+        return folder
+
+    @staticmethod
+    def _touch(folder: Path) -> Path:
+        """Mark the folder as used now (the eviction order)."""
+        try:
+            os.utime(folder)
+        except OSError:
+            pass
+        return folder
+
+    def quarantine(self, subject_id: str, version: int) -> None:
+        """Move a damaged cached version aside and delete it, so the next `fetch` downloads it again."""
+        _remove(self._version_dir(subject_id, version))
+
+    def cached_versions(self) -> list[tuple[Path, float, int]]:
+        """(folder, last use, bytes) of every published version in the cache."""
+        found = []
+        for meta in self.cache_dir.glob(f"*/v*/{META_FILE}"):
+            folder = meta.parent
+            try:
+                size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+                found.append((folder, folder.stat().st_mtime, size))
+            except OSError:
+                continue  # removed meanwhile
+        return found
+
+    def _evict(self, keep: Path) -> None:
+        """Drop the versions of `keep`'s subject older than `keep`, then the least recently used
+        versions while the cache is over `cache_max_bytes`. `keep` always stays."""
+        versions = sorted(self.cached_versions(), key=lambda v: v[1])  # least recently used first
+        for folder, _, _ in versions:
+            if folder.parent == keep.parent and _version_number(folder) < _version_number(keep):
+                _remove(folder)
+        versions = [v for v in versions if v[0].exists()]
+        total = sum(v[2] for v in versions)
+        for folder, _, size in versions:
+            if self.cache_max_bytes is None or total <= self.cache_max_bytes:
+                return
+            if folder != keep:
+                _remove(folder)
+                total -= size
 
     def _download(self, record: SubjectRecord, folder: Path) -> Path:
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -259,3 +448,18 @@ class SubjectRegistry:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return folder
+
+
+def _version_number(folder: Path) -> int:
+    """`.../v12` -> 12."""
+    return int(folder.name.removeprefix("v"))
+
+
+def _remove(folder: Path) -> None:
+    """Rename the folder aside (readers see it gone at once), then delete it."""
+    aside = folder.with_name(f".{folder.name}.gone-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(folder, aside)
+    except OSError:
+        return  # already gone
+    shutil.rmtree(aside, ignore_errors=True)

@@ -46,6 +46,15 @@ class ServeSettings:
     device: str = "auto"  # "auto" (cuda when present), "cuda" or "cpu"
     registry_ttl_s: float = 2.0  # how long a subject lookup is cached
     retry_after_s: int = 1  # the Retry-After of a 503 when the model is overloaded
+    request_timeout_s: float = 60.0  # a generate request is answered 504 and its compute stopped after this
+    max_body_bytes: int = 65536  # larger request bodies are refused with 413 before they are read whole
+    registry_timeout_s: int = 2  # MLflow HTTP timeout per call (MLflow takes whole seconds)
+    registry_retries: int = 1  # MLflow HTTP retries per call
+    lookup_wait_s: float = 1.5  # the longest a request waits on MLflow (only for subjects not seen before)
+    max_lookups: int = 1024  # unknown ids remembered (a bounded negative cache)
+    cache_max_mb: float = 20000.0  # disk cache bound; least recently used subject versions go first
+    fault_slow_subject: str = ""  # fault injection (tests, benchmarks/faults.py): swapping this subject in
+    fault_swap_delay_s: float = 0.0  # sleeps this long first, like a large model's copy (widens the cancel window)
 
     def __post_init__(self):
         checks = [
@@ -57,6 +66,14 @@ class ServeSettings:
             (self.device in ("auto", "cuda", "cpu"), "device", "must be 'auto', 'cuda' or 'cpu'"),
             (self.registry_ttl_s >= 0, "registry_ttl_s", "must be >= 0"),
             (self.retry_after_s >= 1, "retry_after_s", "must be >= 1"),
+            (self.request_timeout_s > 0, "request_timeout_s", "must be > 0"),
+            (self.max_body_bytes >= 1024, "max_body_bytes", "must be >= 1024"),
+            (self.registry_timeout_s >= 1, "registry_timeout_s", "must be >= 1 (whole seconds)"),
+            (0 <= self.registry_retries <= 5, "registry_retries", "must be in 0..5"),
+            (0 < self.lookup_wait_s <= 10, "lookup_wait_s", "must be in (0, 10]"),
+            (self.max_lookups >= 1, "max_lookups", "must be >= 1"),
+            (self.cache_max_mb > 0, "cache_max_mb", "must be > 0"),
+            (self.fault_swap_delay_s >= 0, "fault_swap_delay_s", "must be >= 0"),
         ]
         for ok, key, message in checks:
             if not ok:
