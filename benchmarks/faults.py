@@ -67,7 +67,7 @@ class Row:
 def register_subjects(server: LocalMlflowServer, root: Path, names: list[str]) -> None:
     from mlflow import MlflowClient
 
-    from serve.registry import register_subject
+    from jobs.tracking import register_checkpoint
 
     client = MlflowClient(tracking_uri=server.uri)
     experiment = client.get_experiment_by_name("faults") or client.get_experiment(client.create_experiment("faults"))
@@ -81,9 +81,8 @@ def register_subjects(server: LocalMlflowServer, root: Path, names: list[str]) -
                            config={"model": {"base": "tiny", "preset_seed": 0}})
         folder = save_subject_checkpoint(root / "ckpt" / name, base["unet"], base["text_encoder"], meta, dtype="fp32")
         run = client.create_run(experiment.experiment_id)
-        client.log_artifacts(run.info.run_id, str(folder), "checkpoint")
+        register_checkpoint(client, run.info.run_id, folder, name, "comfusion")  # as the training job does
         client.set_terminated(run.info.run_id)
-        register_subject(client, run.info.run_id, name)
     load_subject_weights_(base, base_state)
 
 

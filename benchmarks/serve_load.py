@@ -67,16 +67,15 @@ def register_all(root: Path, folders: list[Path]) -> str:
     """Log each checkpoint to its own MLflow run and register it; returns the tracking URI."""
     from mlflow import MlflowClient
 
-    from serve.registry import register_subject
+    from jobs.tracking import register_checkpoint
 
     uri = f"sqlite:///{root}/mlflow.db"
     client = MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("serve-load", artifact_location=str(root / "artifacts"))
     for folder in folders:
         run = client.create_run(experiment)
-        client.log_artifacts(run.info.run_id, str(folder), "checkpoint")
+        register_checkpoint(client, run.info.run_id, folder, folder.name, "comfusion")  # as the training job does
         client.set_terminated(run.info.run_id)
-        register_subject(client, run.info.run_id, folder.name)
     return uri
 
 

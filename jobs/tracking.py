@@ -13,7 +13,6 @@ import re
 import time
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import requests
 from mlflow import MlflowClient

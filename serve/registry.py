@@ -1,10 +1,9 @@
 """The subject registry: trained subject checkpoints in the MLflow Model Registry.
 
-Writing side (the training job): log the checkpoint folder to the run with
-`mlflow.log_artifacts(folder, "checkpoint")`, then `register_subject(...)` creates a model
-version named after the subject id and points the `serving` alias at it.
+The registry contract (model name = subject id, alias names, version tags, which version
+`serving` names) is `comfusion.registry`; the training job writes it (`jobs.tracking`).
 
-Reading side (the Serve app): `SubjectRegistry` lists servable subjects, resolves a subject id
+This is the reading side (the Serve app): `SubjectRegistry` lists servable subjects, resolves a subject id
 to the version its alias names (None for an unknown id), and fetches that version's checkpoint
 into a local cache folder, verified. Records are refreshed every few seconds, so a subject
 registered (or re-registered) after the app started is served without a redeploy, and the last
@@ -17,7 +16,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -31,11 +29,11 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from comfusion.checkpoint import META_FILE, CheckpointError, SubjectMeta, verify_checkpoint
+from comfusion.checkpoint import META_FILE, CheckpointError, verify_checkpoint
 from comfusion.data import is_valid_subject_id
+from comfusion.registry import SERVING_ALIAS
 
 log = logging.getLogger("ray.serve")
-SERVING_ALIAS = "serving"
 # What `get_model_version_by_alias` raises for an unknown model / an unknown alias.
 _NOT_FOUND_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
@@ -69,61 +67,6 @@ class SubjectRecord:
         """The fields an API client may see (no artifact locations)."""
         return dict(id=self.id, version=self.version, identifier=self.identifier, class_noun=self.class_noun,
                     method=self.method, created=self.created, metrics=dict(self.metrics))
-
-
-# ---------------------------------------------------------------------------------------
-# writing
-
-
-def _client(client_or_uri: MlflowClient | str | None) -> MlflowClient:
-    if isinstance(client_or_uri, MlflowClient):
-        return client_or_uri
-    return MlflowClient(tracking_uri=client_or_uri)
-
-
-def _read_logged_meta(client: MlflowClient, run_id: str, artifact_path: str) -> SubjectMeta:
-    """The `subject.json` logged under `artifact_path` in the run."""
-    with tempfile.TemporaryDirectory() as tmp:
-        local = client.download_artifacts(run_id, f"{artifact_path}/{META_FILE}", tmp)
-        return SubjectMeta.from_json(Path(local).read_text())
-
-
-def _ensure_registered_model(client: MlflowClient, name: str) -> None:
-    """Create the registered model unless it exists (another job may create it concurrently)."""
-    try:
-        client.get_registered_model(name)
-        return
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-    try:
-        client.create_registered_model(name, description="ComFusion subject checkpoint")
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-
-
-def register_subject(client_or_uri: MlflowClient | str | None, run_id: str, subject_id: str,
-                     artifact_path: str = "checkpoint", alias: str = SERVING_ALIAS) -> int:
-    """Register the checkpoint logged under `artifact_path` in `run_id` as a new version of
-    model `subject_id`, point `alias` at it, and return the version number.
-
-    `client_or_uri` is an `MlflowClient` or a tracking URI (None: MLflow's default). The folder
-    must already be logged (`mlflow.log_artifacts(folder, artifact_path)`); its `subject.json`
-    must name `subject_id`. The version is tagged with identifier, class_noun and method.
-    """
-    if not is_valid_subject_id(subject_id):
-        raise ValueError(f"invalid subject id {subject_id!r}: must match ^[a-z0-9][a-z0-9_-]{{0,63}}$")
-    client = _client(client_or_uri)
-    meta = _read_logged_meta(client, run_id, artifact_path)
-    if meta.id != subject_id:
-        raise ValueError(f"the checkpoint logged in run {run_id} is subject {meta.id!r}, not {subject_id!r}")
-    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path.strip('/')}"
-    _ensure_registered_model(client, subject_id)
-    tags = dict(identifier=meta.identifier, class_noun=meta.class_noun, method=meta.method, created=meta.created)
-    version = client.create_model_version(name=subject_id, source=source, run_id=run_id, tags=tags)
-    client.set_registered_model_alias(subject_id, alias, version.version)
-    return int(version.version)
 
 
 # ---------------------------------------------------------------------------------------

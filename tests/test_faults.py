@@ -39,7 +39,7 @@ class Subjects:
         self.base_state = snapshot_weights(self.base)
 
     def add(self, subject_id: str, noise_seed: int, base_model: str = "tiny", preset_seed: int = 0) -> int:
-        from serve.registry import register_subject
+        from jobs.tracking import register_checkpoint
 
         gen = torch.Generator().manual_seed(noise_seed)
         noisy = tuple({k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
@@ -51,9 +51,9 @@ class Subjects:
                                          self.base["text_encoder"], meta, dtype="fp32")
         load_subject_weights_(self.base, self.base_state)
         run = self.client.create_run(self.experiment)
-        self.client.log_artifacts(run.info.run_id, str(folder), "checkpoint")
+        version = register_checkpoint(self.client, run.info.run_id, folder, subject_id, "comfusion")
         self.client.set_terminated(run.info.run_id)
-        return register_subject(self.client, run.info.run_id, subject_id)
+        return version
 
     def stored_file(self, subject_id: str, rel: str = "unet/diffusion_pytorch_model.safetensors") -> Path:
         """The registry's own copy of a file of the subject's serving version (on the server's disk)."""

@@ -65,14 +65,14 @@ class Registry:
 
     def add(self, subject_id: str, noise_seed: int, identifier: str = "sks", class_noun: str = "dog") -> int:
         """Log a checkpoint to its own run and register it (as the training job does)."""
-        from serve.registry import register_subject
+        from jobs.tracking import register_checkpoint
 
         folder = self.checkpoint(subject_id, noise_seed, identifier, class_noun)
         run = self.client.create_run(self.experiment)
-        self.client.log_artifacts(run.info.run_id, str(folder), "checkpoint")
         self.client.log_metric(run.info.run_id, "eval/clip_t", 0.25)
+        version = register_checkpoint(self.client, run.info.run_id, folder, subject_id, "comfusion")
         self.client.set_terminated(run.info.run_id)
-        return register_subject(self.client, run.info.run_id, subject_id)
+        return version
 
 
 @pytest.fixture(scope="module")
@@ -162,15 +162,15 @@ def test_registry_resolves_lists_and_fetches(registry, tmp_path):
     assert reg.fetch("bravo") == folder
 
 
-def test_register_subject_refuses_bad_ids(registry):
-    from serve.registry import register_subject
+def test_registration_refuses_bad_ids(registry):
+    from jobs.tracking import register_checkpoint
 
     run = registry.client.create_run(registry.experiment)
-    registry.client.log_artifacts(run.info.run_id, str(registry.checkpoint("echo", 5)), "checkpoint")
+    folder = registry.checkpoint("echo", 5)
     with pytest.raises(ValueError, match="invalid subject id"):
-        register_subject(registry.client, run.info.run_id, "../echo")
+        register_checkpoint(registry.client, run.info.run_id, folder, "../echo", "comfusion")
     with pytest.raises(ValueError, match="is subject 'echo'"):
-        register_subject(registry.client, run.info.run_id, "foxtrot")
+        register_checkpoint(registry.client, run.info.run_id, folder, "foxtrot", "comfusion")
 
 
 def test_serve_yaml_parses_and_builds():
