@@ -49,13 +49,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from comfusion import world  # noqa: E402
+from comfusion.toy import world  # noqa: E402
 from comfusion.config import VARIANTS, ConfigError, JobConfig, SubjectSpec, from_dict, load_config, to_dict  # noqa: E402
 from comfusion.data import check_subject  # noqa: E402
 from comfusion.metrics import Scorer, clip_i_score, clip_t_score, dino_score, eval_seed  # noqa: E402
-from comfusion.prompts import class_scene_text, instance_scene_text  # noqa: E402
+from comfusion.prompts import DEFAULT_IDENTIFIER, class_scene_text, instance_scene_text  # noqa: E402
 
-IDENTIFIER = "sks"
+IDENTIFIER = DEFAULT_IDENTIFIER  # a reserved single token of the toy tokenizer, shared with no caption word
 N_REFERENCE_PHOTOS = 4  # real photos of an instance the image metrics compare against
 BOTH_THRESHOLD = 1.6  # instance_distance below which "both" counts the object as the instance
 REAL, BASE = "real", "base"

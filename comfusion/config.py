@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from comfusion.prompts import PAPER_SCENES
+from comfusion.prompts import DEFAULT_IDENTIFIER, PAPER_SCENES
 
 METHODS = ("comfusion", "dreambooth")
 # The paper's compared rows, as (key, label, config overrides of one run): the Table 1 baseline,
@@ -51,7 +51,7 @@ class SubjectSpec:
     id: str
     images: tuple[str, ...]
     class_noun: str
-    identifier: str = "sks"
+    identifier: str = DEFAULT_IDENTIFIER  # a reserved single token of the byte tokenizers (prompts.py)
     scenes: tuple[str, ...] | None = None  # None: the job's `data.scenes`
 
 

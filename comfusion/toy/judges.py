@@ -1,7 +1,7 @@
 """Train the toy judges of the procedural world (issue 8): a CLIP and a DINO-role instance encoder.
 
-    python -m comfusion.toy_judges --out comfusion/presets/toy --minutes 20 --seed 0
-    python -m comfusion.toy_judges --out /tmp/judges --steps 5 --pool 128 --eval 32  # quick run
+    python -m comfusion.toy.judges --out comfusion/presets/toy --minutes 20 --seed 0
+    python -m comfusion.toy.judges --out /tmp/judges --steps 5 --pool 128 --eval 32  # quick run
 
 * CLIP (`transformers.CLIPModel`, tiny towers, the byte tokenizer): contrastive on world
   pictures and captions. Captions may leave out the colour or the scene, so a batch holds
@@ -29,12 +29,11 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
 
-from comfusion import world
 from comfusion.judges import Judges
-from comfusion.models import _token_ids, build_byte_tokenizer, save_judges
-from comfusion.toy_pretrain import cosine_lr, parameter_count, seconds_per_step, to_pixels
+from comfusion.models import build_judge_components, save_judges
+from comfusion.toy import world
+from comfusion.toy.pretrain import cosine_lr, parameter_count, seconds_per_step, to_pixels
 
 # Shapes in the form of `comfusion.models.JUDGE_PRESETS` (32x32 inputs, 4x4 patches).
 TOY_JUDGE_PRESET: dict = dict(
@@ -67,14 +66,8 @@ class JudgesConfig:
 
 def build_toy_judges(seed: int = 0, preset: dict = TOY_JUDGE_PRESET) -> Judges:
     """Seeded random toy judges; trainable (the `Judges` wrapper freezes them, this unfreezes)."""
-    tokenizer = build_byte_tokenizer()
-    torch.manual_seed(seed + 10)
-    dino = ViTModel(ViTConfig(**preset["dino"]), add_pooling_layer=False)
-    torch.manual_seed(seed + 11)
-    text_config = {**preset["clip_text"], **_token_ids(tokenizer), "max_position_embeddings": 77}
-    clip = CLIPModel(CLIPConfig(text_config=text_config, vision_config=preset["clip_vision"],
-                                projection_dim=preset["projection_dim"]))
-    return Judges(dino, clip, tokenizer).requires_grad_(True)
+    parts = build_judge_components(preset, seed)
+    return Judges(parts["dino"], parts["clip"], parts["clip_tokenizer"]).requires_grad_(True)
 
 
 def degrade(x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
@@ -262,7 +255,7 @@ def train_judges(cfg: JudgesConfig, out: str | Path, log=print) -> dict:
     summary = dict(
         config=asdict(cfg), clip_steps=clip_steps, dino_steps=dino_steps, clip_retrieval=clip_acc,
         dino_retrieval=dino_acc,
-        repeat=(f"python -m comfusion.toy_judges --out OUT --seed {cfg.seed} --pool {cfg.pool} "
+        repeat=(f"python -m comfusion.toy.judges --out OUT --seed {cfg.seed} --pool {cfg.pool} "
                 f"--batch-size {cfg.batch_size} --clip-steps {clip_steps} --dino-steps {dino_steps}"),
         seconds=dict(render=t_pool, clip=t2 - t1, dino=t3 - t2, total=time.perf_counter() - t0),
         steps_per_second=dict(clip=clip_steps / max(t2 - t1, 1e-9), dino=dino_steps / max(t3 - t2, 1e-9)),
@@ -275,7 +268,7 @@ def train_judges(cfg: JudgesConfig, out: str | Path, log=print) -> dict:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m comfusion.toy_judges", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m comfusion.toy.judges", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder to write dino/ and clip/ into")
     p.add_argument("--seed", type=int, default=0)
