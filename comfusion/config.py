@@ -130,8 +130,12 @@ class LossConfig:
     use_fusion_scene: bool = True  # False: "w/o L_F^S"
     fusion_t_min: int = 200  # f_theta's t is drawn from [ceil(0.2T), ceil(0.8T)]
     fusion_t_max: int = 800
+    # which UNet calls of f_theta carry gradients: "all" (the design's reading of the paper) or
+    # "last" (the first tau - 1 calls run without a graph; an ablation, cheaper to backpropagate)
+    fusion_backprop: str = "all"
 
     def __post_init__(self):
+        _check(self.fusion_backprop in ("all", "last"), "fusion_backprop", "must be 'all' or 'last'")
         for name in ("lambda_class_scene", "lambda_fusion_instance", "lambda_fusion_scene"):
             _check(getattr(self, name) >= 0, name, "must be >= 0")
         _check(1 <= self.tau <= 50, "tau", "must be in 1..50")
@@ -158,8 +162,12 @@ class TrainConfig:
     validate_every: int = 0  # steps between validation samples per scene; 0: only at the end
     validation_scenes: int = 3  # how many scenes get a validation image
     checkpoint_dtype: str = "fp16"  # dtype of the published subject checkpoint: "fp16" or "fp32"
+    # every N steps, the gradient norm of each weighted loss term alone (one backward pass per
+    # term, so that step costs more), reported to callbacks as `on_grad_norms`; 0: never
+    grad_norm_every: int = 0
 
     def __post_init__(self):
+        _check(self.grad_norm_every >= 0, "grad_norm_every", "must be >= 0")
         _check(self.steps >= 1, "steps", "must be >= 1")
         _check(0 < self.lr < 1, "lr", "must be in (0, 1)")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
