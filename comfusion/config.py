@@ -29,6 +29,17 @@ VARIANTS: tuple[tuple[str, str, dict], ...] = (
     ("tau1", "tau=1", {"loss.tau": 1}),
     ("tau5", "tau=5", {"loss.tau": 5}),
 )
+# Levers beyond Table 3 (issue 16), in the same form: each is a config switch of one run.
+LEVERS: tuple[tuple[str, str, dict], ...] = (
+    ("backprop_last", "ComFusion, f_theta grad last call", {"loss.fusion_backprop": "last"}),
+    ("frozen_text", "ComFusion, text encoder frozen", {"train.train_text_encoder": False}),
+    ("db_frozen_text", "DreamBooth, text encoder frozen", {"method": "dreambooth", "train.train_text_encoder": False}),
+    ("cs0.1", "ComFusion, lambda_C^S 0.1", {"loss.lambda_class_scene": 0.1}),
+    ("cs0.3", "ComFusion, lambda_C^S 0.3", {"loss.lambda_class_scene": 0.3}),
+    ("db_cs0.3", "DreamBooth, lambda prior 0.3", {"method": "dreambooth", "loss.lambda_class_scene": 0.3}),
+    ("fw0.003", "ComFusion, lambda_F 0.003", {"loss.lambda_fusion_instance": 0.003, "loss.lambda_fusion_scene": 0.003}),
+    ("fw0.03", "ComFusion, lambda_F 0.03", {"loss.lambda_fusion_instance": 0.03, "loss.lambda_fusion_scene": 0.03}),
+)
 
 
 class ConfigError(ValueError):
