@@ -225,6 +225,9 @@ class EvalConfig:
     prompt_sets: tuple[str, ...] = ("specific", "unseen")  # the 15 paper scenes; the 25 DreamBooth prompts
     dino: str = "tiny"  # DINO ViT-S/16 judge, e.g. "facebook/dino-vits16"
     clip_judges: tuple[str, ...] = ("tiny",)  # e.g. ViT-B/32 (paper-comparable) and ViT-L/14 (unseen in training)
+    # a second DINO that no loss uses, scored beside `dino` as metric "dino_heldout" ("" = none): the
+    # paper's DINO metric is DINO ViT-S/16, the model L_F^I trains against; e.g. "facebook/dinov2-small"
+    heldout_dino: str = ""
     seed: int = 1000  # base seed; the same seeds for every method
     batch_size: int = 16  # images per sampler / judge batch
     out: str = "outputs/eval"  # folder of the CSV, the Markdown table and the chart
