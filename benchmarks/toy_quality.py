@@ -76,6 +76,17 @@ STUDY_COLUMNS = (("scene", "scene"), ("inst", "inst dist"), ("inst|ok", "inst, s
                  (f"{T}/dino", "DINO train"))
 
 
+def available_judges() -> tuple[str, ...]:
+    """The training judges, and the held-out ones when their preset folder is there (it is made by
+    `python -m comfusion.toy.judges --seed 1 --save-dtype fp16 --out comfusion/presets/toy-heldout`)."""
+    from comfusion import presets_dir  # noqa: PLC0415
+
+    if (presets_dir() / H / "dino").is_dir():
+        return T, H
+    say(f"note: no '{H}' judges in {presets_dir()}: the held-out columns stay empty (nan)")
+    return (T,)
+
+
 def say(msg: str) -> None:
     print(f"[toy_quality {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -553,7 +564,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--images-per-scene", type=int, help="eval.images_per_prompt (default: the config's)")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                     help="processes, one torch thread each (default: min(2, cores))")
-    ap.add_argument("--judges", nargs="+", default=[T, H], help="judge pairs to score with (default: %(default)s)")
+    ap.add_argument("--judges", nargs="+", help=f"judge pairs to score with (default: {T} and, once committed, {H})")
     ap.add_argument("--out", default=str(REPO / "outputs" / "toy_quality"), help="output folder")
     st = ap.add_argument_group("study")
     st.add_argument("--study", action="store_true", help="the study: seeds x instances x rows x lrs, checkpoints")
@@ -566,7 +577,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     args.instances = args.instances if args.instances is not None else (10 if args.study else 5)
     args.variants = args.variants or (["dreambooth", "comfusion"] if args.study else [k for k, _, _ in VARIANTS])
-    args.judges = tuple(args.judges)
+    args.judges = tuple(args.judges) if args.judges else available_judges()
     for name in ("instances", "workers", "steps", "priors", "scenes", "images_per_scene", "every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
