@@ -201,7 +201,8 @@ def test_grad_norms_every_n_steps_and_the_same_summed_gradient(subject, priors, 
     SubjectTrainer(cfg, subject, prior_set, device="cpu", callbacks=rec).run()
     assert [s for s, _ in rec.norms] == [2] and [s for s, _, _ in rec.steps] == [1, 2, 3]
     norms = rec.norms[0][1]
-    terms = {"instance", "class_scene", "total"} | ({"fusion_instance", "fusion_scene"} if method == "comfusion" else set())
+    fusion = {"fusion_instance", "fusion_scene"} if method == "comfusion" else set()
+    terms = {"instance", "class_scene", "total"} | fusion
     assert set(norms) == terms and all(math.isfinite(v) and v > 0 for v in norms.values())
     assert norms["total"] <= sum(v for k, v in norms.items() if k != "total") * (1 + 1e-6)  # triangle inequality
 
