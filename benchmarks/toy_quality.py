@@ -171,7 +171,11 @@ class _Checkpoints:
     trainer: object = None
     records: list = field(default_factory=list)
     images: dict = field(default_factory=dict)
+    grad_norms: list = field(default_factory=list)  # (step, {term: norm}) every train.grad_norm_every steps
     eval_seconds: float = 0.0
+
+    def on_grad_norms(self, step: int, norms: dict) -> None:
+        self.grad_norms.append({"step": step, **norms})
 
     def on_step(self, step: int, terms: dict, lr: float) -> None:
         if step not in self.task.checkpoints:
@@ -243,14 +247,16 @@ def _train_row(task: Task, cfg: JobConfig, inst: world.Instance, scenes: list[st
     ckpt.trainer = trainer
     terms = trainer.run()
     train_s = time.perf_counter() - t0 - ckpt.eval_seconds
-    return {"records": ckpt.records, "images": ckpt.images, "terms": terms, "train_seconds": train_s}
+    return {"records": ckpt.records, "images": ckpt.images, "terms": terms, "train_seconds": train_s,
+            "grad_norms": ckpt.grad_norms}
 
 
 def _write_task_file(task: Task, result: dict) -> None:
     cfg = from_dict(task.cfg)
     meta = {"row": task.key, "instance_seed": task.instance_seed, "class_noun": task.class_noun,
             "seed": cfg.train.seed, "lr": cfg.train.lr, "train_seconds": result["train_seconds"],
-            "terms": result["terms"], "records": result["records"], "scenes": list(cfg.data.scenes)}
+            "terms": result["terms"], "records": result["records"], "scenes": list(cfg.data.scenes),
+            "grad_norms": result.get("grad_norms", [])}
     path = Path(task.out_file)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {f"step{st}_g{g:g}": im for (st, g), im in result["images"].items()}
@@ -448,6 +454,23 @@ def study_table(records: list[dict], lr, step: int, guidance: float, rows: list[
     return "\n".join(lines)
 
 
+def grad_norm_table(folder: Path, rows: list[str]) -> str:
+    """Per row and lr: the mean `train.grad_norm_every` norms of each loss term (how large each is)."""
+    terms = ("instance", "class_scene", "fusion_instance", "fusion_scene", "total")
+    sums: dict[tuple, list[dict]] = {}
+    for path in sorted(folder.glob("*.json")):
+        meta = json.loads(path.read_text())
+        if meta.get("grad_norms"):
+            sums.setdefault((meta["row"], meta["lr"]), []).extend(meta["grad_norms"])
+    lines = ["| row | lr | " + " | ".join(terms) + " |", "|---" * (len(terms) + 2) + "|"]
+    for (row, lr), norms in sorted(sums.items(), key=lambda kv: (rows.index(kv[0][0]) if kv[0][0] in rows else 99,
+                                                                 kv[0][1])):
+        cells = [f"{np.mean([n[t] for n in norms if t in n]):.3g}" if any(t in n for n in norms) else "-"
+                 for t in terms]
+        lines.append(f"| {LABELS.get(row, row)} | {lr:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if sums else "(no task logged gradient norms: train.grad_norm_every is 0)"
+
+
 def tradeoff_plot(records: list[dict], rows: list[str], lrs: list, guidance: float, path: Path) -> None:
     """Scene accuracy against instance distance along training, one curve per row; a column per lr;
     top: exact judges, bottom: held-out judges."""
@@ -507,6 +530,8 @@ def study_report(args, folder: Path, variants: list[str]) -> int:
     if refs:
         parts.append("\n### references\n\n" + study_table(records, None, 0, sorted({r["guidance"] for r in refs})[0],
                                                           [REAL, BASE]))
+    parts.append("\n### gradient norm of each weighted term (mean over tasks and logged steps)\n\n"
+                 + grad_norm_table(folder / "tasks", rows))
     text = "\n".join(parts) + "\n"
     (folder / "table.md").write_text(text)
     with open(folder / "records.csv", "w", newline="") as f:

@@ -98,7 +98,7 @@ def test_study_runs_in_pieces_resumes_and_reports_intervals(tmp_path):
     out = tmp_path / "study"
     small = ["--study", "--instances", "2", "--seeds", "0", "--lrs", "2e-4", "1e-4", "--steps", "2", "--every", "1",
              "--scenes", "2", "--images-per-scene", "1", "--priors", "4", "--workers", "1", "--judges", "toy",
-             "--out", str(out)]
+             "--set", "train.grad_norm_every=1", "--out", str(out)]
     first = _run(*small, "--piece", "1/2")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     tasks = out / "study" / "tasks"
@@ -114,6 +114,8 @@ def test_study_runs_in_pieces_resumes_and_reports_intervals(tmp_path):
     comfusion = [ln for ln in table.splitlines() if ln.startswith("| ComFusion (tau=3) | 2 |")]
     assert len(comfusion) == 4 and "[" in comfusion[0]  # a difference to DreamBooth with its interval
     assert Image.open(out / "study" / "tradeoff.png").size[0] > 500
+    norms = [ln for ln in table.split("### gradient norm")[1].splitlines() if ln.startswith("| ComFusion (tau=3)")]
+    assert len(norms) == 2 and all(float(c) > 0 for c in norms[0].strip("|").split("|")[2:])  # every term, each lr
     with open(out / "study" / "records.csv") as f:
         records = list(csv.DictReader(f))
     assert {r["step"] for r in records if r["row"] == "comfusion"} == {"1", "2"}
