@@ -19,7 +19,7 @@ COLUMNS = ["DINO (train)", "DINO (held-out)", "CLIP-I (held-out)", "CLIP-T (held
            "inst dist (exact)", "inst dist, scene ok", "both (exact)", "DINO vs photos (old)"]
 
 
-def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def _run(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env,
                           timeout=timeout, cwd=REPO)
