@@ -1,32 +1,36 @@
-"""The paper's claim measured inside the toy world: DreamBooth, ComFusion and the Table 3 ablations.
+"""The paper's claim measured inside the toy world: DreamBooth, ComFusion, the Table 3 ablations and
+the levers of issue 16, scored by judges kept apart from training.
 
-For several world instances that pretraining never saw (seeds from `world.HELD_OUT_SEED_START`),
-one photo each on one background (`world.PHOTO_SCENE`), every method is trained with the same
-budget (configs/toy_quality.yaml: steps, learning rate, priors) on the committed `toy` preset,
-then samples "a sks [class noun] [scene]" for every scene of `data.scenes` from the same seeds.
-It prints the paper's Table 1 layout with the toy judges, plus the world's exact judges:
+For world instances that pretraining never saw (seeds from `world.HELD_OUT_SEED_START`), one photo
+each on one background (`world.PHOTO_SCENE`), every row is trained with the same budget
+(configs/toy_quality.yaml: steps, learning rate, priors) on the committed `toy` preset, then samples
+"a sks [class noun] [scene]" ("sks" is a reserved single token) for every scene of `data.scenes`
+from the same seeds. Columns (`comfusion.toy.scores` defines them):
 
-  DINO     toy instance encoder: mean cosine of generated images to the instance's real photos
-           (4 views on the photo background, the first being the training photo)
-  CLIP-I   toy CLIP image tower, the same pairs
-  CLIP-T   toy CLIP: generated image vs "a [class noun] [scene]" (T^CS: the toy CLIP never saw
-           an identifier word, so the prompt's "sks" is left out of the text it scores)
-  scene    exact: share of images whose background `world.scene_of` finds to be the asked scene
-  inst     exact: mean `world.instance_distance` to the instance (lower is closer; own instance
-           about 0.2 clean and 1.2 blurred, other instances of the class about 2.5)
-  both     exact: share with the asked scene AND inst < 1.6 (90% of other instances lie above)
+  DINO (train)   toy DINO, the judge L_F^I trains against, vs references in the asked scene
+  DINO / CLIP-I / CLIP-T (held-out)   `toy-heldout` judges (another seed and data order, no loss
+                 uses them); DINO and CLIP-I vs references rendered in the asked scene (never the
+                 training photo), CLIP-T vs "a [class noun] [scene]"
+  scene, inst, inst|ok, both   exact judges: asked scene found; instance distance (lower is closer;
+                 own instance ~0.2, another of its class ~2.5) over all pictures and over those
+                 with the right scene; both at once (distance < 1.6)
+  DINO vs photos the old, confounded score (toy DINO vs the room photos, training photo included)
 
-Rows besides the methods: "Real Images" are the instance rendered by the world in each asked
-scene (what a perfect model would draw: the ceiling of every column), and "Base, colour named"
-is the pretrained model, not finetuned, asked for "a [colour] [class noun] [scene]" (what the
-base model knows without the photo). Whichever way the numbers come out is the finding.
+Rows besides the methods: "Real Images" (the world's renders of the instance in each asked scene:
+the ceiling) and "Base, colour named" (the untuned model asked "a [colour] [class noun] [scene]").
 
-    python benchmarks/toy_quality.py                       # default size (about 20-30 min, 2 cores)
+    python benchmarks/toy_quality.py                       # default size (<= 30 min, 2 cores)
     python benchmarks/toy_quality.py --instances 1 --steps 4 --scenes 2 --images-per-scene 1 \\
         --priors 4 --variants dreambooth comfusion         # seconds: checks it runs
+    python benchmarks/toy_quality.py --study --piece 1/4   # the study, a quarter of it (resumable)
+    python benchmarks/toy_quality.py --study --report-only # tables and plot from what has run
 
-Writes results.csv (one row per instance and row of the table), table.md, samples.png (one
-instance: a column per scene, a row per table row) and results.json under --out.
+`--study` trains every (instance, training seed, learning rate, row), scores checkpoints along
+training (every `--every` steps) at each `--guidance`, and writes one JSON per task under
+<out>/study/tasks/ (a task already there is skipped, so the study runs in pieces and resumes); the
+report is paired bootstrap 95% intervals of each row's difference to DreamBooth over instances
+(seeds averaged within an instance) and a trade-off plot (scene accuracy against instance distance
+along training, one curve per row; exact and held-out judges).
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,19 +53,38 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from comfusion import world  # noqa: E402
-from comfusion.config import VARIANTS, ConfigError, JobConfig, SubjectSpec, from_dict, load_config, to_dict  # noqa: E402
+from comfusion.config import LEVERS, VARIANTS, ConfigError, JobConfig, SubjectSpec, from_dict, load_config, to_dict  # noqa: E402,E501
 from comfusion.data import check_subject  # noqa: E402
-from comfusion.metrics import Scorer, clip_i_score, clip_t_score, dino_score, eval_seed  # noqa: E402
-from comfusion.prompts import class_scene_text, instance_scene_text  # noqa: E402
+from comfusion.metrics import eval_seed  # noqa: E402
+from comfusion.prompts import DEFAULT_IDENTIFIER, instance_scene_text  # noqa: E402
+from comfusion.toy import scores as toy_scores  # noqa: E402
+from comfusion.toy import world  # noqa: E402
 
-IDENTIFIER = "sks"
-N_REFERENCE_PHOTOS = 4  # real photos of an instance the image metrics compare against
-BOTH_THRESHOLD = 1.6  # instance_distance below which "both" counts the object as the instance
+IDENTIFIER = DEFAULT_IDENTIFIER  # a reserved single token of the toy tokenizer, shared with no caption word
+N_REFERENCE_PHOTOS = 4  # room photos of an instance written next to the training photo
 REAL, BASE = "real", "base"
-LABELS = {REAL: "Real Images", BASE: "Base, colour named", **{k: label for k, label, _ in VARIANTS}}
-COLUMNS = ("dino", "clip_i", "clip_t", "scene", "inst", "both")
-HEADERS = ("DINO", "CLIP-I", "CLIP-T", "scene (exact)", "inst dist (exact)", "both (exact)")
+ROWS = VARIANTS + LEVERS
+LABELS = {REAL: "Real Images", BASE: "Base, colour named", **{k: label for k, label, _ in ROWS}}
+OVERRIDES = {k: o for k, _, o in ROWS}
+H = toy_scores.HELDOUT_JUDGES
+T = toy_scores.TRAIN_JUDGES
+COLUMNS = ((f"{T}/dino", "DINO (train)"), (f"{H}/dino", "DINO (held-out)"), (f"{H}/clip_i", "CLIP-I (held-out)"),
+           (f"{H}/clip_t", "CLIP-T (held-out)"), ("scene", "scene (exact)"), ("inst", "inst dist (exact)"),
+           ("inst|ok", "inst dist, scene ok"), ("both", "both (exact)"), (f"{T}/dino_photo", "DINO vs photos (old)"))
+STUDY_COLUMNS = (("scene", "scene"), ("inst", "inst dist"), ("inst|ok", "inst, scene ok"), ("both", "both"),
+                 (f"{H}/dino", "DINO ho"), (f"{H}/dino|ok", "DINO ho, scene ok"), (f"{H}/clip_t", "CLIP-T ho"),
+                 (f"{T}/dino", "DINO train"))
+
+
+def available_judges() -> tuple[str, ...]:
+    """The training judges, and the held-out ones when their preset folder is there (it is made by
+    `python -m comfusion.toy.judges --seed 1 --save-dtype fp16 --out comfusion/presets/toy-heldout`)."""
+    from comfusion import presets_dir  # noqa: PLC0415
+
+    if (presets_dir() / H / "dino").is_dir():
+        return T, H
+    say(f"note: no '{H}' judges in {presets_dir()}: the held-out columns stay empty (nan)")
+    return (T,)
 
 
 def say(msg: str) -> None:
@@ -72,51 +95,108 @@ def say(msg: str) -> None:
 # subjects: held-out instances, one photo each
 
 
-def held_out_instances(n: int) -> list[world.Instance]:
-    """`n` instances pretraining never saw, cycling through the class nouns."""
-    return [world.make_instance(world.HELD_OUT_SEED_START + 100 + k, world.CLASS_NOUNS[k % len(world.CLASS_NOUNS)])
-            for k in range(n)]
+def held_out_instances(n: int, offset: int = 0) -> list[world.Instance]:
+    """`n` instances pretraining never saw, cycling through the class nouns (`offset`: another set)."""
+    return [world.make_instance(world.HELD_OUT_SEED_START + 100 + offset + k,
+                                world.CLASS_NOUNS[k % len(world.CLASS_NOUNS)]) for k in range(n)]
 
 
 def subject_id(inst: world.Instance) -> str:
     return f"{inst.colour}-{inst.class_noun}-{inst.seed - world.HELD_OUT_SEED_START}"
 
 
-def write_photos(instances: list[world.Instance], folder: Path, size: int) -> dict[str, list[str]]:
-    """<folder>/<subject id>/<k>.png: the instance's real photos; the first is the training photo."""
+def write_photos(instances: list[world.Instance], folder: Path, size: int) -> dict[str, str]:
+    """<folder>/<subject id>/<k>.png: the instance's room photos; returns the first (the training photo)."""
     paths = {}
     for inst in instances:
         d = folder / subject_id(inst)
         d.mkdir(parents=True, exist_ok=True)
-        paths[subject_id(inst)] = []
         for k, photo in enumerate(world.instance_photos(inst, N_REFERENCE_PHOTOS, size=size)):
             Image.fromarray(photo).save(d / f"{k}.png")
-            paths[subject_id(inst)].append(str(d / f"{k}.png"))
+        paths[subject_id(inst)] = str(d / "0.png")
     return paths
 
 
 # ---------------------------------------------------------------------------------------
-# the work items: priors per (class, plan), and train + sample per (instance, row)
+# the work items: priors per (class, plan), and train + sample + score per (instance, row, seed, lr)
 
 
 @dataclass(frozen=True)
 class Task:
-    kind: str  # "priors", "train" (a VARIANTS row) or "base"
+    kind: str  # "priors", "train" (a row of ROWS), "base" or "real"
     cfg: dict  # the run's JobConfig as a dict (picklable across processes)
     class_noun: str
     key: str = ""  # the row key
     instance_seed: int = 0
     photo: str = ""
+    checkpoints: tuple[int, ...] = ()  # steps at which samples are scored (the last is train.steps)
+    guidances: tuple[float, ...] = (7.5,)
+    out_file: str = ""  # study: where the result is written (and found when resuming)
+    keep_images: bool = True  # default mode: the final images come back for the sample grid
+
+
+_SCORERS: dict = {}
 
 
 def _init_worker() -> None:
     torch.set_num_threads(1)  # one core per worker: the workers share the machine
 
 
-def run_task(task: Task) -> dict:
-    """Run one task; returns what the table needs (images, seconds, final loss terms)."""
-    from comfusion.train import Priors, SubjectTrainer, obtain_priors  # noqa: PLC0415
+def _scorers(names: tuple[str, ...]) -> dict:
+    if names not in _SCORERS:  # once per worker process
+        _SCORERS[names] = toy_scores.load_scorers(names)
+    return _SCORERS[names]
 
+
+def _sample(components: dict, cfg: JobConfig, prompts: list[str], guidance: float) -> np.ndarray:
+    """(S, n, H, W, 3): n images per prompt, the same seeds for every row."""
+    from comfusion.sampling import sample  # noqa: PLC0415
+
+    n, res = cfg.eval.images_per_prompt, cfg.model.resolution
+    seeds = [eval_seed(cfg.eval.seed, s, i) for s in range(len(prompts)) for i in range(n)]
+    with torch.no_grad():
+        out = sample(components, [p for p in prompts for _ in range(n)], seeds, steps=cfg.sampler.steps,
+                     guidance_scale=guidance, height=res, width=res, batch_size=cfg.eval.batch_size)
+    return out.images.reshape(len(prompts), n, *out.images.shape[1:])
+
+
+@dataclass
+class _Checkpoints:
+    """Trainer callbacks: at each checkpoint step, sample every guidance and score (not timed as training)."""
+
+    task: Task
+    cfg: JobConfig
+    inst: world.Instance
+    judges: tuple[str, ...]
+    trainer: object = None
+    records: list = field(default_factory=list)
+    images: dict = field(default_factory=dict)
+    grad_norms: list = field(default_factory=list)  # (step, {term: norm}) every train.grad_norm_every steps
+    eval_seconds: float = 0.0
+
+    def on_grad_norms(self, step: int, norms: dict) -> None:
+        self.grad_norms.append({"step": step, **norms})
+
+    def on_step(self, step: int, terms: dict, lr: float) -> None:
+        if step not in self.task.checkpoints:
+            return
+        t0 = time.perf_counter()
+        tr, scenes = self.trainer, list(self.cfg.data.scenes)
+        tr.unet.eval()
+        tr.text_encoder.eval()
+        prompts = [instance_scene_text(IDENTIFIER, self.inst.class_noun, s) for s in scenes]
+        for g in self.task.guidances:
+            images = _sample(tr.components, self.cfg, prompts, g)
+            self.records.append({"step": step, "guidance": g, **toy_scores.score_images(
+                _scorers(self.judges), images, self.inst, scenes)})
+            self.images[(step, g)] = images
+        tr.unet.train()
+        tr.text_encoder.train(self.cfg.train.train_text_encoder)
+        self.eval_seconds += time.perf_counter() - t0
+
+
+def run_task(task: Task, judges: tuple[str, ...]) -> dict:
+    """Run one task; returns its score records (and, unless a study task, its final images)."""
     cfg = from_dict(task.cfg)
     t0 = time.perf_counter()
     if task.kind == "priors":
@@ -126,37 +206,68 @@ def run_task(task: Task) -> dict:
         return {"task": task, "seconds": time.perf_counter() - t0}
     inst = world.make_instance(task.instance_seed, task.class_noun)
     scenes = list(cfg.data.scenes)
-    seeds = [eval_seed(cfg.eval.seed, s, i) for s in range(len(scenes)) for i in range(cfg.eval.images_per_prompt)]
-    if task.kind == "base":
-        from comfusion.models import load_base  # noqa: PLC0415
-
-        components, terms, train_s = load_base(cfg.model.base), {}, 0.0
-        prompts = [inst.caption(s) for s in scenes]  # "a [colour] [class noun] [scene]"
+    if task.kind in (REAL, BASE):
+        result = _reference_row(task, cfg, inst, scenes, judges)
     else:
-        spec = SubjectSpec(id=subject_id(inst), images=(task.photo,), class_noun=inst.class_noun,
-                           identifier=IDENTIFIER, scenes=tuple(scenes))
-        subject = check_subject(spec, cfg.data, cfg.model.resolution)
-        found = obtain_priors(cfg, subject, device="cpu")  # from the cache the priors tasks filled
-        trainer = SubjectTrainer(cfg, subject, Priors(found.latents, list(found.prompts), list(found.scenes)),
-                                 device="cpu")
-        terms = trainer.run()
-        train_s = time.perf_counter() - t0
-        components = trainer.components
-        prompts = [instance_scene_text(IDENTIFIER, inst.class_noun, s) for s in scenes]
-    from comfusion.sampling import sample  # noqa: PLC0415
+        result = _train_row(task, cfg, inst, scenes, judges)
+    result.update(task=task, seconds=time.perf_counter() - t0)
+    if task.out_file:
+        _write_task_file(task, result)
+    if not task.keep_images:
+        result["images"] = {}
+    return result
 
-    n = cfg.eval.images_per_prompt
-    with torch.no_grad():
-        out = sample(components, [p for p in prompts for _ in range(n)], seeds, steps=cfg.sampler.steps,
-                     guidance_scale=cfg.sampler.guidance_scale, height=cfg.model.resolution,
-                     width=cfg.model.resolution, batch_size=cfg.eval.batch_size)
-    images = out.images.reshape(len(scenes), n, *out.images.shape[1:])  # (S, n, H, W, 3)
-    return {"task": task, "images": images, "terms": terms, "train_seconds": train_s,
-            "seconds": time.perf_counter() - t0}
+
+def _reference_row(task: Task, cfg: JobConfig, inst: world.Instance, scenes: list[str], judges) -> dict:
+    n, res = cfg.eval.images_per_prompt, cfg.model.resolution
+    records, images = [], {}
+    for g in task.guidances:
+        if task.kind == REAL:  # the world's own renders: the ceiling of every column
+            imgs = np.stack([np.stack([world.render(inst, s, 70_000 + i, res) for i in range(n)]) for s in scenes])
+        else:
+            from comfusion.models import load_base  # noqa: PLC0415
+
+            imgs = _sample(load_base(cfg.model.base), cfg, [inst.caption(s) for s in scenes], g)
+        records.append({"step": 0, "guidance": g, **toy_scores.score_images(_scorers(judges), imgs, inst, scenes)})
+        images[(0, g)] = imgs
+    return {"records": records, "images": images, "terms": {}, "train_seconds": 0.0}
+
+
+def _train_row(task: Task, cfg: JobConfig, inst: world.Instance, scenes: list[str], judges) -> dict:
+    from comfusion.train import Priors, SubjectTrainer, obtain_priors  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    spec = SubjectSpec(id=subject_id(inst), images=(task.photo,), class_noun=inst.class_noun,
+                       identifier=IDENTIFIER, scenes=tuple(scenes))
+    subject = check_subject(spec, cfg.data, cfg.model.resolution)
+    found = obtain_priors(cfg, subject, device="cpu")  # from the cache the priors tasks filled
+    ckpt = _Checkpoints(task, cfg, inst, judges)
+    trainer = SubjectTrainer(cfg, subject, Priors(found.latents, list(found.prompts), list(found.scenes)),
+                             device="cpu", callbacks=ckpt)
+    ckpt.trainer = trainer
+    terms = trainer.run()
+    train_s = time.perf_counter() - t0 - ckpt.eval_seconds
+    return {"records": ckpt.records, "images": ckpt.images, "terms": terms, "train_seconds": train_s,
+            "grad_norms": ckpt.grad_norms}
+
+
+def _write_task_file(task: Task, result: dict) -> None:
+    cfg = from_dict(task.cfg)
+    meta = {"row": task.key, "instance_seed": task.instance_seed, "class_noun": task.class_noun,
+            "seed": cfg.train.seed, "lr": cfg.train.lr, "train_seconds": result["train_seconds"],
+            "terms": result["terms"], "records": result["records"], "scenes": list(cfg.data.scenes),
+            "grad_norms": result.get("grad_norms", [])}
+    path = Path(task.out_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {f"step{st}_g{g:g}": im for (st, g), im in result["images"].items()}
+    np.savez_compressed(path.with_suffix(".npz"), **arrays)  # the pictures: rescored when judges are added
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, path)  # complete or absent: a killed piece leaves no half file
 
 
 def relative_cost(task: Task) -> int:
-    """Rough cost of a train + sample task: UNet calls per step (1 + tau with the fusion stream)."""
+    """Rough cost of a task: UNet calls per step (1 + tau with the fusion stream)."""
     if task.kind != "train":
         return 0
     cfg = from_dict(task.cfg)
@@ -164,40 +275,34 @@ def relative_cost(task: Task) -> int:
     return 1 + (cfg.loss.tau if fusion else 0)
 
 
-def real_images(inst: world.Instance, scenes: list[str], n: int, size: int) -> np.ndarray:
-    """The world's own renders of the instance in each scene: (S, n, H, W, 3)."""
-    return np.stack([np.stack([world.render(inst, s, 70_000 + i, size) for i in range(n)]) for s in scenes])
+def run_all(tasks: list[Task], workers: int, what: str, judges: tuple[str, ...]) -> list[dict]:
+    """Run tasks (in `workers` processes when > 1), printing progress; results in task order."""
+    results: list[dict] = []
+    if workers == 1:
+        _init_worker()
+        for i, t in enumerate(tasks):
+            results.append(run_task(t, judges))
+            say(f"{what} {i + 1}/{len(tasks)} done ({results[-1]['seconds']:.1f} s)")
+        return results
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch threads
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker) as pool:
+        futures = [pool.submit(run_task, t, judges) for t in tasks]
+        for i, f in enumerate(futures):
+            results.append(f.result())
+            say(f"{what} {i + 1}/{len(tasks)} done ({results[-1]['seconds']:.1f} s)")
+    return results
 
 
 # ---------------------------------------------------------------------------------------
-# scoring
-
-
-def score(scorer: Scorer, images: np.ndarray, inst: world.Instance, scenes: list[str],
-          reference: tuple[torch.Tensor, torch.Tensor], scene_texts: dict[str, torch.Tensor]) -> dict[str, float]:
-    """The six columns for one instance and one row; images (S, n, H, W, 3); reference: the real
-    photos' DINO and CLIP embeddings; scene_texts: CLIP text embedding (1, P) of each scene's T^CS."""
-    s, n = images.shape[:2]
-    flat = images.reshape(s * n, *images.shape[2:])
-    ref_dino, ref_clip = reference
-    gen = scorer.embed_images(flat)
-    judge = scorer.clip_names[0]
-    clip_t = np.mean([clip_t_score(gen.clip[judge][k * n:(k + 1) * n], scene_texts[sc]) for k, sc in enumerate(scenes)])
-    found = [world.scene_of(im)[0] for im in flat]
-    asked = [sc for sc in scenes for _ in range(n)]
-    dist = np.array([world.instance_distance(im, inst) for im in flat])
-    right = np.array([f == a for f, a in zip(found, asked)])
-    return {"dino": dino_score(gen.dino, ref_dino), "clip_i": clip_i_score(gen.clip[judge], ref_clip),
-            "clip_t": float(clip_t), "scene": float(right.mean()), "inst": float(dist.mean()),
-            "both": float((right & (dist < BOTH_THRESHOLD)).mean())}
+# the default run: one table
 
 
 def table_markdown(rows: list[str], means: dict[str, dict[str, float]], seconds: dict[str, float]) -> str:
-    lines = ["| Methods | " + " | ".join(HEADERS) + " | train s (x DB) |", "|---" * (len(HEADERS) + 2) + "|"]
+    lines = ["| Methods | " + " | ".join(h for _, h in COLUMNS) + " | train s (x DB) |",
+             "|---" * (len(COLUMNS) + 2) + "|"]
     db = seconds.get("dreambooth")
     for key in rows:
-        m = means[key]
-        cells = [f"{m[c]:.3f}" for c in COLUMNS]
+        cells = [f"{means[key].get(c, float('nan')):.3f}" for c, _ in COLUMNS]
         t = seconds.get(key)
         timing = f"{t:.0f} ({t / db:.2f})" if t and db else "-"
         lines.append(f"| {LABELS[key]} | " + " | ".join(cells) + f" | {timing} |")
@@ -214,7 +319,7 @@ def samples_grid(images: dict[str, np.ndarray], rows: list[str], scale: int = 2)
     stacked = np.concatenate([images[k][:, 0] for k in rows])  # (R*S, H, W, 3)
     grid = Image.fromarray(image_grid(stacked, cols=images[rows[0]].shape[0]))
     grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
-    margin, cell = 120, grid.height // len(rows)
+    margin, cell = 160, grid.height // len(rows)
     out = Image.new("RGB", (grid.width + margin, grid.height), (255, 255, 255))
     out.paste(grid, (margin, 0))
     draw = ImageDraw.Draw(out)
@@ -223,34 +328,286 @@ def samples_grid(images: dict[str, np.ndarray], rows: list[str], scale: int = 2)
     return out
 
 
+def default_tasks(cfg: JobConfig, instances, photos, variants) -> list[Task]:
+    g = (cfg.sampler.guidance_scale,)
+    tasks = [Task(kind, to_dict(cfg), inst.class_noun, kind, inst.seed, guidances=g)
+             for inst in instances for kind in (REAL, BASE)]
+    tasks += [Task("train", to_dict(cfg.replace(**OVERRIDES[k])), inst.class_noun, k, inst.seed,
+                   photos[subject_id(inst)], checkpoints=(cfg.train.steps,), guidances=g)
+              for inst in instances for k in variants]
+    return sorted(tasks, key=relative_cost, reverse=True)  # longest first, so the workers finish together
+
+
+def run_default(args, cfg: JobConfig, out: Path, instances, photos, variants, t_start: float) -> int:
+    done = run_all(default_tasks(cfg, instances, photos, variants), args.workers, "train + sample", args.judges)
+    rows = [REAL, BASE] + variants
+    per_instance = []
+    for r in done:
+        t = r["task"]
+        per_instance.append({"instance": subject_id(world.make_instance(t.instance_seed, t.class_noun)), "row": t.key,
+                             "label": LABELS[t.key], **r["records"][-1], "train_seconds": r["train_seconds"],
+                             **{f"loss_{k}": v for k, v in r["terms"].items()}})
+    per_instance.sort(key=lambda p: (p["instance"], rows.index(p["row"])))
+    keys = sorted({k for p in per_instance for k in p if "/" in k or k in ("scene", "inst", "inst|ok", "both")})
+    means = {k: {c: float(np.nanmean([p[c] for p in per_instance if p["row"] == k])) for c in keys} for k in rows}
+    seconds = {k: float(np.mean([p["train_seconds"] for p in per_instance if p["row"] == k])) for k in variants}
+    md = table_markdown(rows, means, seconds)
+    header = (f"toy world, {len(instances)} held-out instances x 1 photo, {cfg.train.steps} steps at lr {cfg.train.lr}, "
+              f"{len(cfg.data.scenes)} scenes x {cfg.eval.images_per_prompt} images, guidance "
+              f"{cfg.sampler.guidance_scale}, judges: {' / '.join(args.judges)} + exact; "
+              f"total {(time.perf_counter() - t_start) / 60:.1f} min on {args.workers} workers")
+    (out / "table.md").write_text(header + "\n\n" + md + "\n")
+    fields = sorted({k for p in per_instance for k in p}, key=lambda k: (k.startswith("loss_"), k))
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(per_instance)
+    first = instances[0].seed
+    grids = {r["task"].key: next(iter(r["images"].values())) for r in done if r["task"].instance_seed == first}
+    samples_grid(grids, rows).save(out / "samples.png")
+    (out / "results.json").write_text(json.dumps({"header": header, "rows": rows, "labels": LABELS, "means": means,
+                                                   "train_seconds": seconds, "config": to_dict(cfg),
+                                                   "instances": list(photos)}, indent=1))
+    print(header)
+    print(md)
+    say(f"wrote {out / 'table.md'}, results.csv, samples.png, results.json")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------
-# the run
+# the study: seeds x instances x rows x learning rates, checkpoints along training
+
+
+def study_tasks(args, cfg: JobConfig, instances, photos, variants, folder: Path) -> list[Task]:
+    every = args.every or cfg.train.steps
+    checkpoints = tuple(range(every, cfg.train.steps + 1, every))
+    g = tuple(args.guidance)
+    tasks = [Task(kind, to_dict(cfg), inst.class_noun, kind, inst.seed, guidances=g, keep_images=False,
+                  out_file=str(folder / f"{kind}-{subject_id(inst)}.json"))
+             for inst in instances for kind in (REAL, BASE)]
+    for seed in args.seeds:
+        for inst in instances:
+            for lr in args.lrs:
+                for k in variants:
+                    run_cfg = cfg.replace(**OVERRIDES[k], **{"train.lr": lr, "train.seed": seed})
+                    name = f"{k}-{subject_id(inst)}-lr{lr:g}-seed{seed}.json"
+                    tasks.append(Task("train", to_dict(run_cfg), inst.class_noun, k, inst.seed,
+                                      photos[subject_id(inst)], checkpoints, g, str(folder / name), False))
+    return tasks
+
+
+def rescore(folder: Path, judges: tuple[str, ...]) -> int:
+    """Add the columns of judges a finished task was not scored by, from its saved pictures."""
+    n = 0
+    for path in sorted(folder.glob("*.json")):
+        meta = json.loads(path.read_text())
+        missing = tuple(j for j in judges if any(f"{j}/dino" not in r for r in meta["records"]))
+        if not missing or not path.with_suffix(".npz").exists():
+            continue
+        pictures = np.load(path.with_suffix(".npz"))
+        inst = world.make_instance(meta["instance_seed"], meta["class_noun"])
+        for rec in meta["records"]:
+            images = pictures[f"step{rec['step']}_g{rec['guidance']:g}"]
+            _, right = toy_scores.exact_scores(images, inst, meta["scenes"])
+            for j in missing:
+                rec.update(toy_scores.judge_scores(_scorers((j,))[j], j, images, inst, meta["scenes"], right))
+        path.write_text(json.dumps(meta))
+        n += 1
+    return n
+
+
+def load_records(folder: Path) -> list[dict]:
+    """One flat record per (task file, checkpoint, guidance)."""
+    out = []
+    for path in sorted(folder.glob("*.json")):
+        meta = json.loads(path.read_text())
+        base = {k: meta.get(k) for k in ("row", "instance_seed", "seed", "lr", "train_seconds")}
+        out += [{**base, **rec} for rec in meta["records"]]
+    return out
+
+
+def _per_instance(records: list[dict], row: str, lr, step: int, guidance: float, col: str) -> dict[int, float]:
+    """Instance seed -> the column averaged over training seeds."""
+    vals: dict[int, list[float]] = {}
+    for r in records:
+        if r["row"] == row and r["lr"] == lr and r["step"] == step and r["guidance"] == guidance:
+            vals.setdefault(r["instance_seed"], []).append(r.get(col, float("nan")))
+    return {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for k, v in vals.items()}
+
+
+def study_table(records: list[dict], lr, step: int, guidance: float, rows: list[str]) -> str:
+    """Means over instances, and each row's difference to DreamBooth with a paired bootstrap 95% interval."""
+    head = "| row | n inst | " + " | ".join(h for _, h in STUDY_COLUMNS) + " |"
+    lines = [head, "|---" * (len(STUDY_COLUMNS) + 2) + "|"]
+    for row in rows:
+        cells, n = [], 0
+        for col, _ in STUDY_COLUMNS:
+            mine = _per_instance(records, row, lr, step, guidance, col)
+            n = max(n, len(mine))
+            db = _per_instance(records, "dreambooth", lr, step, guidance, col)
+            cell = f"{np.nanmean(list(mine.values())):.3f}" if mine else "-"
+            if row != "dreambooth" and db and mine:
+                d, lo, hi = toy_scores.paired_bootstrap([mine[k] - db[k] for k in mine if k in db])
+                cell += f" ({d:+.3f} [{lo:+.3f}, {hi:+.3f}])"
+            cells.append(cell)
+        lines.append(f"| {LABELS.get(row, row)} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def grad_norm_table(folder: Path, rows: list[str]) -> str:
+    """Per row and lr: the mean `train.grad_norm_every` norms of each loss term (how large each is)."""
+    terms = ("instance", "class_scene", "fusion_instance", "fusion_scene", "total")
+    sums: dict[tuple, list[dict]] = {}
+    for path in sorted(folder.glob("*.json")):
+        meta = json.loads(path.read_text())
+        if meta.get("grad_norms"):
+            sums.setdefault((meta["row"], meta["lr"]), []).extend(meta["grad_norms"])
+    lines = ["| row | lr | " + " | ".join(terms) + " |", "|---" * (len(terms) + 2) + "|"]
+    for (row, lr), norms in sorted(sums.items(), key=lambda kv: (rows.index(kv[0][0]) if kv[0][0] in rows else 99,
+                                                                 kv[0][1])):
+        cells = [f"{np.mean([n[t] for n in norms if t in n]):.3g}" if any(t in n for n in norms) else "-"
+                 for t in terms]
+        lines.append(f"| {LABELS.get(row, row)} | {lr:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if sums else "(no task logged gradient norms: train.grad_norm_every is 0)"
+
+
+def tradeoff_plot(records: list[dict], rows: list[str], lrs: list, guidance: float, path: Path) -> None:
+    """Scene accuracy against instance distance along training, one curve per row; a column per lr;
+    top: exact judges, bottom: held-out judges."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    axes_def = (("inst", "scene", "instance distance (exact, lower = closer)", "scene accuracy (exact)"),
+                (f"{H}/dino", f"{H}/clip_t", "DINO vs asked-scene references (held-out)", "CLIP-T (held-out)"))
+    fig, axes = plt.subplots(2, len(lrs), figsize=(5.5 * len(lrs), 9), squeeze=False)
+    for j, lr in enumerate(lrs):
+        for i, (xc, yc, xl, yl) in enumerate(axes_def):
+            ax = axes[i][j]
+            for row in rows:
+                steps = sorted({r["step"] for r in records if r["row"] == row and r["lr"] == lr})
+                pts = [(np.nanmean(list(_per_instance(records, row, lr, s, guidance, xc).values())),
+                        np.nanmean(list(_per_instance(records, row, lr, s, guidance, yc).values()))) for s in steps]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=LABELS.get(row, row))
+                    ax.annotate(str(steps[-1]), pts[-1], fontsize=7)
+            for ref in (REAL, BASE):
+                pts = [(np.nanmean(list(_per_instance(records, ref, None, 0, guidance, xc).values())),
+                        np.nanmean(list(_per_instance(records, ref, None, 0, guidance, yc).values())))]
+                ax.scatter(*zip(*pts), marker="*", s=90, label=LABELS[ref])
+            ax.set(xlabel=xl, ylabel=yl, title=f"lr {lr:g}, guidance {guidance:g}")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def study_report(args, folder: Path, variants: list[str]) -> int:
+    _init_worker()
+    fixed = rescore(folder / "tasks", args.judges)
+    if fixed:
+        say(f"rescored {fixed} finished task(s) with judges they lacked")
+    records = load_records(folder / "tasks")
+    for r in records:
+        if r["row"] in (REAL, BASE):
+            r["lr"] = None
+    trained = [r for r in records if r["row"] not in (REAL, BASE)]
+    if not trained:
+        say(f"no finished study tasks under {folder / 'tasks'}")
+        return 1
+    rows = [k for k in ["dreambooth"] + variants if any(r["row"] == k for r in trained)]
+    parts = [f"toy study: {len({r['instance_seed'] for r in trained})} instances, training seeds "
+             f"{sorted({r['seed'] for r in trained})}, rows {rows}; cells: mean over instances (seeds averaged "
+             f"within each), then (difference to DreamBooth [paired bootstrap 95% interval over instances])"]
+    refs = [r for r in records if r["row"] in (REAL, BASE)]
+    for lr in sorted({r["lr"] for r in trained}):
+        for g in sorted({r["guidance"] for r in trained}):
+            for step in sorted({r["step"] for r in trained if r["lr"] == lr}):
+                parts.append(f"\n### lr {lr:g}, guidance {g:g}, step {step}\n\n"
+                             + study_table(records, lr, step, g, rows))
+    if refs:
+        parts.append("\n### references\n\n" + study_table(records, None, 0, sorted({r["guidance"] for r in refs})[0],
+                                                          [REAL, BASE]))
+    parts.append("\n### gradient norm of each weighted term (mean over tasks and logged steps)\n\n"
+                 + grad_norm_table(folder / "tasks", rows))
+    text = "\n".join(parts) + "\n"
+    (folder / "table.md").write_text(text)
+    with open(folder / "records.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=sorted({k for r in records for k in r}))
+        w.writeheader()
+        w.writerows(records)
+    g0 = sorted({r["guidance"] for r in trained})[0]
+    tradeoff_plot(records, rows, sorted({r["lr"] for r in trained}), g0, folder / "tradeoff.png")
+    print(text)
+    say(f"wrote {folder / 'table.md'}, records.csv, tradeoff.png")
+    return 0
+
+
+def run_study(args, cfg: JobConfig, out: Path, instances, photos, variants) -> int:
+    folder = out / "study"
+    tasks = study_tasks(args, cfg, instances, photos, variants, folder / "tasks")
+    k, n = args.piece
+    mine = [t for i, t in enumerate(tasks) if i % n == k - 1]
+    todo = [t for t in mine if not Path(t.out_file).exists()]  # seed-major order: a cut-short run stays paired
+    say(f"study: {len(tasks)} tasks, piece {k}/{n} holds {len(mine)}, {len(todo)} still to run")
+    run_all(todo, args.workers, "study task", args.judges)
+    return study_report(args, folder, variants)
+
+
+# ---------------------------------------------------------------------------------------
+# the command line
+
+
+def _piece(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--piece must look like K/N, got {text!r}") from None
+    if not 1 <= k <= n:
+        raise argparse.ArgumentTypeError(f"--piece K/N needs 1 <= K <= N, got {text!r}")
+    return k, n
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    keys = [k for k, _, _ in VARIANTS]
+    keys = [k for k, _, _ in ROWS]
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(REPO / "configs" / "toy_quality.yaml"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, e.g. --set train.lr=1e-4 (repeatable)")
-    ap.add_argument("--instances", type=int, default=5, help="held-out instances (one per class noun, cycling)")
-    ap.add_argument("--variants", nargs="+", default=keys, choices=keys, metavar="KEY",
-                    help=f"rows to train, from {', '.join(keys)} (default: all)")
+    ap.add_argument("--instances", type=int, help="held-out instances, cycling through the class nouns "
+                                                  "(default 5; --study: 10)")
+    ap.add_argument("--instance-offset", type=int, default=0,
+                    help="take instances from another part of the held-out range (to confirm a choice)")
+    ap.add_argument("--variants", nargs="+", choices=keys, metavar="KEY",
+                    help=f"rows to train, from {', '.join(keys)} (default: the Table 3 rows; --study: "
+                         "dreambooth comfusion)")
     ap.add_argument("--steps", type=int, help="train.steps for every method (default: the config's)")
     ap.add_argument("--priors", type=int, help="priors.count per class and plan (default: the config's)")
     ap.add_argument("--scenes", type=int, help="use the first N scenes of data.scenes (default: all)")
     ap.add_argument("--images-per-scene", type=int, help="eval.images_per_prompt (default: the config's)")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                     help="processes, one torch thread each (default: min(2, cores))")
+    ap.add_argument("--judges", nargs="+", help=f"judge pairs to score with (default: {T} and, once committed, {H})")
     ap.add_argument("--out", default=str(REPO / "outputs" / "toy_quality"), help="output folder")
+    st = ap.add_argument_group("study")
+    st.add_argument("--study", action="store_true", help="the study: seeds x instances x rows x lrs, checkpoints")
+    st.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (train.seed)")
+    st.add_argument("--lrs", nargs="+", type=float, default=[2e-4, 1e-4], help="learning rates")
+    st.add_argument("--every", type=int, default=100, help="score a checkpoint every N steps")
+    st.add_argument("--guidance", nargs="+", type=float, default=[7.5], help="guidance scales to sample at")
+    st.add_argument("--piece", type=_piece, default=(1, 1), help="run only piece K of N (K/N) of the tasks")
+    st.add_argument("--report-only", action="store_true", help="no training: the report from finished tasks")
     args = ap.parse_args(argv)
-    if args.instances < 1:
-        ap.error("--instances must be >= 1")
-    if args.workers < 1:
-        ap.error("--workers must be >= 1")
-    for name in ("steps", "priors", "scenes", "images_per_scene"):
+    args.instances = args.instances if args.instances is not None else (10 if args.study else 5)
+    args.variants = args.variants or (["dreambooth", "comfusion"] if args.study else [k for k, _, _ in VARIANTS])
+    args.judges = tuple(args.judges) if args.judges else available_judges()
+    for name in ("instances", "workers", "steps", "priors", "scenes", "images_per_scene", "every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if any(not 0 < lr < 1 for lr in args.lrs):
+        ap.error("--lrs must lie in (0, 1)")
     return args
 
 
@@ -272,24 +629,6 @@ def build_config(args: argparse.Namespace) -> JobConfig:
     return cfg
 
 
-def run_all(tasks: list[Task], workers: int, what: str) -> list[dict]:
-    """Run tasks (in `workers` processes when > 1), printing progress; results in task order."""
-    results: list[dict] = []
-    if workers == 1:
-        _init_worker()
-        for i, t in enumerate(tasks):
-            results.append(run_task(t))
-            say(f"{what} {i + 1}/{len(tasks)} done ({results[-1]['seconds']:.1f} s)")
-        return results
-    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch threads
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker) as pool:
-        futures = [pool.submit(run_task, t) for t in tasks]
-        for i, f in enumerate(futures):
-            results.append(f.result())
-            say(f"{what} {i + 1}/{len(tasks)} done ({results[-1]['seconds']:.1f} s)")
-    return results
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -297,76 +636,22 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    t_start = time.perf_counter()
-    out = Path(args.out)
+    t_start, out = time.perf_counter(), Path(args.out)
+    if args.study and args.report_only:
+        return study_report(args, out / "study", args.variants)
     out.mkdir(parents=True, exist_ok=True)
-    scenes, n, res = list(cfg.data.scenes), cfg.eval.images_per_prompt, cfg.model.resolution
-    instances = held_out_instances(args.instances)
-    photos = write_photos(instances, out / "photos", res)
-    variants = [k for k, _, _ in VARIANTS if k in args.variants]
-    overrides = {k: o for k, _, o in VARIANTS}
-    say(f"{len(instances)} instances ({', '.join(photos)}), rows {variants}, {cfg.train.steps} steps at lr "
-        f"{cfg.train.lr}, {cfg.priors.count} priors per class and plan, {len(scenes)} scenes x {n} images, "
-        f"{args.workers} workers")
-
+    instances = held_out_instances(args.instances, args.instance_offset)
+    photos = write_photos(instances, out / "photos", cfg.model.resolution)
+    say(f"{len(instances)} instances ({', '.join(photos)}), rows {args.variants}, {cfg.train.steps} steps at lr "
+        f"{args.lrs if args.study else cfg.train.lr}, {cfg.priors.count} priors per class and plan, "
+        f"{len(cfg.data.scenes)} scenes x {cfg.eval.images_per_prompt} images, {args.workers} workers")
     classes = sorted({i.class_noun for i in instances})
-    methods = sorted({cfg.replace(**overrides[k]).method for k in variants})
-    prior_tasks = [Task("priors", to_dict(cfg.replace(method=m)), c) for c in classes for m in methods]
-    run_all(prior_tasks, args.workers, "priors")
-    t_priors = time.perf_counter() - t_start
-
-    tasks = [Task("base", to_dict(cfg), inst.class_noun, BASE, inst.seed) for inst in instances]
-    tasks += [Task("train", to_dict(cfg.replace(**overrides[k])), inst.class_noun, k, inst.seed,
-                   photos[subject_id(inst)][0]) for inst in instances for k in variants]
-    tasks.sort(key=relative_cost, reverse=True)  # longest first, so the workers finish together
-    done = run_all(tasks, args.workers, "train + sample")
-    results = {(r["task"].instance_seed, r["task"].key): r for r in done}
-
-    say("scoring with the toy judges and the exact judges")
-    scorer = Scorer.load(cfg.model.dino, [cfg.model.clip])
-    judge = scorer.clip_names[0]
-    rows = [REAL, BASE] + variants
-    per_instance: list[dict] = []
-    grids: dict[str, np.ndarray] = {}
-    for inst in instances:
-        refs = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in photos[subject_id(inst)]])
-        ref_emb = scorer.embed_images(refs)
-        reference = (ref_emb.dino, ref_emb.clip[judge])
-        emb = scorer.clip_text_embed([class_scene_text(inst.class_noun, s) for s in scenes], judge)  # (S, P)
-        texts = {s: emb[k:k + 1] for k, s in enumerate(scenes)}
-        images = {REAL: real_images(inst, scenes, n, res)}
-        images.update({k: results[(inst.seed, k)]["images"] for k in rows if k != REAL})
-        for k in rows:
-            r = results.get((inst.seed, k), {})
-            per_instance.append({"instance": subject_id(inst), "row": k, "label": LABELS[k],
-                                 **score(scorer, images[k], inst, scenes, reference, texts),
-                                 "train_seconds": r.get("train_seconds", 0.0),
-                                 **{f"loss_{t}": v for t, v in r.get("terms", {}).items()}})
-        if inst is instances[0]:
-            grids = images
-    means = {k: {c: float(np.mean([p[c] for p in per_instance if p["row"] == k])) for c in COLUMNS} for k in rows}
-    seconds = {k: float(np.mean([p["train_seconds"] for p in per_instance if p["row"] == k])) for k in variants}
-
-    md = table_markdown(rows, means, seconds)
-    total = time.perf_counter() - t_start
-    header = (f"toy world, {len(instances)} held-out instances x 1 photo, {cfg.train.steps} steps at lr {cfg.train.lr}, "
-              f"{len(scenes)} scenes x {n} images, judges: toy DINO / toy CLIP + exact; "
-              f"priors {t_priors:.0f} s, total {total / 60:.1f} min on {args.workers} workers")
-    (out / "table.md").write_text(header + "\n\n" + md + "\n")
-    fields = sorted({k for p in per_instance for k in p}, key=lambda k: (k.startswith("loss_"), k))
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(per_instance)
-    samples_grid(grids, rows).save(out / "samples.png")
-    (out / "results.json").write_text(json.dumps({"header": header, "rows": rows, "labels": LABELS, "means": means,
-                                                   "train_seconds": seconds, "config": to_dict(cfg),
-                                                   "instances": list(photos)}, indent=1))
-    print(header)
-    print(md)
-    say(f"wrote {out / 'table.md'}, results.csv, samples.png (rows: {', '.join(LABELS[k] for k in rows)}; "
-        f"columns: {', '.join(scenes)}), results.json")
-    return 0
+    methods = sorted({cfg.replace(**OVERRIDES[k]).method for k in args.variants})
+    run_all([Task("priors", to_dict(cfg.replace(method=m)), c) for c in classes for m in methods],
+            args.workers, "priors", args.judges)
+    if args.study:
+        return run_study(args, cfg, out, instances, photos, args.variants)
+    return run_default(args, cfg, out, instances, photos, args.variants, t_start)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Training-step time and memory of DreamBooth, ComFusion and the Table 3 ablations, in one run.
+"""Training-step time and memory of DreamBooth, ComFusion and the Table 3 ablations, in one run,
+plus the levers of the toy study (`comfusion.config.LEVERS`: e.g. `loss.fusion_backprop: last`).
 
 CPU (the default there): the `tiny` preset, fp32, torch AdamW.
 CUDA (the default there): `--preset sd15-arch` at 512x512 with bf16 autocast, gradient
@@ -10,6 +11,7 @@ gradient checkpointing adds: DreamBooth (and "w/o fusion") ~4.9 TFLOP; a fusion 
 2.5 x 3 and the judges), i.e. ~20 TFLOP at tau = 3 (STACK-NOTES), against --peak-tflops.
 
     python benchmarks/train_step.py --steps 5 --warmup 2
+    python benchmarks/train_step.py --only dreambooth,comfusion,backprop_last   # the backprop speed-up
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from comfusion.config import VARIANTS, JobConfig  # noqa: E402
+from comfusion.config import LEVERS, VARIANTS, JobConfig  # noqa: E402
 from comfusion.data import Subject  # noqa: E402
 from comfusion.models import BASE_PRESETS  # noqa: E402
 from comfusion.prompts import PAPER_SCENES, class_scene_text  # noqa: E402
@@ -38,6 +40,8 @@ from comfusion.train import Priors, SubjectTrainer  # noqa: E402
 def step_tflop(cfg: JobConfig) -> float:
     if cfg.method == "dreambooth" or not cfg.loss.fusion:
         return 4.9
+    if cfg.loss.fusion_backprop == "last":  # tau - 1 forward-only calls (0.8 each), one trained call
+        return 4.9 + 0.8 * (cfg.loss.tau - 1) + 2.4 + 7.9
     return 4.9 + 2.4 * cfg.loss.tau + 7.9
 
 
@@ -86,6 +90,22 @@ def measure(cfg: JobConfig, subject: Subject, priors: Priors, device: str, warmu
     return {"sec": statistics.mean(times), "median": statistics.median(times), "peak_gib": peak / 2**30}
 
 
+def measure_interleaved(cfgs: dict[str, JobConfig], subject: Subject, priors: Priors, warmup: int,
+                        steps: int) -> dict[str, dict]:
+    """CPU under a varying load: one step of each row in turn, so every row sees the same load;
+    returns mean and median seconds per row (no memory figure)."""
+    trainers = {k: SubjectTrainer(c, subject, priors, device="cpu") for k, c in cfgs.items()}
+    times: dict[str, list[float]] = {k: [] for k in cfgs}
+    for i in range(warmup + steps):
+        for k, trainer in trainers.items():
+            t0 = time.perf_counter()
+            trainer.train_step()
+            if i >= warmup:
+                times[k].append(time.perf_counter() - t0)
+    return {k: {"sec": statistics.mean(v), "median": statistics.median(v), "peak_gib": float("nan")}
+            for k, v in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default=None, help="tiny (CPU default) or sd15-arch (CUDA default)")
@@ -96,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--run-steps", type=int, default=1200, help="steps of the projected run (paper: 1200)")
     ap.add_argument("--peak-tflops", type=float, default=790.0, help="dense bf16 TFLOP/s (H100: ~790)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="CPU: time the rows step by step in turn (fair under a varying load; no memory figure)")
     args = ap.parse_args(argv)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -111,20 +133,22 @@ def main(argv: list[str] | None = None) -> int:
           f"warmup={args.warmup} steps={args.steps}")
     wanted = {s.strip() for s in args.only.split(",") if s.strip()}
     mem_name = "peak GiB" if cuda else "RSS peak GiB*"
-    print(f"{'method':<18} {'ms/step':>9} {'median':>7} {'x DB':>6} {mem_name:>13} {'TFLOP':>6} {'MFU':>6} "
+    print(f"{'method':<34} {'ms/step':>9} {'median':>7} {'x DB':>6} {mem_name:>13} {'TFLOP':>6} {'MFU':>6} "
           f"{f'{args.run_steps} steps':>12}")
+    rows = [(key, label, cfg0.replace(**o) if o else cfg0) for key, label, o in VARIANTS + LEVERS
+            if not wanted or key in wanted]
+    if args.interleave and not cuda:
+        results = measure_interleaved({k: c for k, _, c in rows}, subject, priors, args.warmup, args.steps)
     db_sec = None
-    for key, label, overrides in VARIANTS:
-        if wanted and key not in wanted:
-            continue
-        cfg = cfg0.replace(**overrides) if overrides else cfg0
-        r = measure(cfg, subject, priors, device, args.warmup, args.steps)
+    for key, label, cfg in rows:
+        r = results[key] if args.interleave and not cuda else measure(cfg, subject, priors, device, args.warmup,
+                                                                       args.steps)
         db_sec = r["sec"] if key == "dreambooth" else db_sec
         ratio = f"{r['sec'] / db_sec:6.2f}" if db_sec else f"{'-':>6}"
         sd15 = preset == "sd15-arch"  # the TFLOP figures are SD 1.5's
         tflop = f"{step_tflop(cfg):6.1f}" if sd15 else f"{'-':>6}"
         mfu = f"{step_tflop(cfg) / r['sec'] / args.peak_tflops:6.1%}" if cuda and sd15 else f"{'-':>6}"
-        print(f"{label:<18} {r['sec'] * 1e3:9.1f} {r['median'] * 1e3:7.1f} {ratio} {r['peak_gib']:13.2f} {tflop} {mfu} "
+        print(f"{label:<34} {r['sec'] * 1e3:9.1f} {r['median'] * 1e3:7.1f} {ratio} {r['peak_gib']:13.2f} {tflop} {mfu} "
               f"{r['sec'] * args.run_steps / 60:9.1f} min", flush=True)
     if not cuda:
         print("* CPU: the process's peak RSS so far (it only grows; rows are in run order)")

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from comfusion.prompts import PAPER_SCENES
+from comfusion.prompts import DEFAULT_IDENTIFIER, PAPER_SCENES
 
 METHODS = ("comfusion", "dreambooth")
 # The paper's compared rows, as (key, label, config overrides of one run): the Table 1 baseline,
@@ -30,6 +30,17 @@ VARIANTS: tuple[tuple[str, str, dict], ...] = (
     ("no_fs", "w/o L_F^S", {"loss.use_fusion_scene": False}),
     ("tau1", "tau=1", {"loss.tau": 1}),
     ("tau5", "tau=5", {"loss.tau": 5}),
+)
+# Levers beyond Table 3 (issue 16), in the same form: each is a config switch of one run.
+LEVERS: tuple[tuple[str, str, dict], ...] = (
+    ("backprop_last", "ComFusion, f_theta grad last call", {"loss.fusion_backprop": "last"}),
+    ("frozen_text", "ComFusion, text encoder frozen", {"train.train_text_encoder": False}),
+    ("db_frozen_text", "DreamBooth, text encoder frozen", {"method": "dreambooth", "train.train_text_encoder": False}),
+    ("cs0.1", "ComFusion, lambda_C^S 0.1", {"loss.lambda_class_scene": 0.1}),
+    ("cs0.3", "ComFusion, lambda_C^S 0.3", {"loss.lambda_class_scene": 0.3}),
+    ("db_cs0.3", "DreamBooth, lambda prior 0.3", {"method": "dreambooth", "loss.lambda_class_scene": 0.3}),
+    ("fw0.003", "ComFusion, lambda_F 0.003", {"loss.lambda_fusion_instance": 0.003, "loss.lambda_fusion_scene": 0.003}),
+    ("fw0.03", "ComFusion, lambda_F 0.03", {"loss.lambda_fusion_instance": 0.03, "loss.lambda_fusion_scene": 0.03}),
 )
 
 
@@ -64,7 +75,7 @@ class SubjectSpec:
     id: str
     images: tuple[str, ...]
     class_noun: str
-    identifier: str = "sks"
+    identifier: str = DEFAULT_IDENTIFIER  # a reserved single token of the byte tokenizers (prompts.py)
     scenes: tuple[str, ...] | None = None  # None: the job's `data.scenes`
 
 
@@ -145,8 +156,12 @@ class LossConfig:
     use_fusion_scene: bool = True  # False: "w/o L_F^S"
     fusion_t_min: int = 200  # f_theta's t is drawn from [ceil(0.2T), ceil(0.8T)]
     fusion_t_max: int = 800
+    # which UNet calls of f_theta carry gradients: "all" (the design's reading of the paper) or
+    # "last" (the first tau - 1 calls run without a graph; an ablation, cheaper to backpropagate)
+    fusion_backprop: str = "all"
 
     def __post_init__(self):
+        _check(self.fusion_backprop in ("all", "last"), "fusion_backprop", "must be 'all' or 'last'")
         for name in ("lambda_class_scene", "lambda_fusion_instance", "lambda_fusion_scene"):
             _check(getattr(self, name) >= 0, name, "must be >= 0")
         _check(1 <= self.tau <= 50, "tau", "must be in 1..50")
@@ -173,8 +188,12 @@ class TrainConfig:
     validate_every: int = 0  # steps between validation samples per scene; 0: only at the end
     validation_scenes: int = 3  # how many scenes get a validation image
     checkpoint_dtype: str = "fp16"  # dtype of the published subject checkpoint: "fp16" or "fp32"
+    # every N steps, the gradient norm of each weighted loss term alone (one backward pass per
+    # term, so that step costs more), reported to callbacks as `on_grad_norms`; 0: never
+    grad_norm_every: int = 0
 
     def __post_init__(self):
+        _check(self.grad_norm_every >= 0, "grad_norm_every", "must be >= 0")
         _check(self.steps >= 1, "steps", "must be >= 1")
         _check(0 < self.lr < 1, "lr", "must be in (0, 1)")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -229,6 +248,9 @@ class EvalConfig:
     prompt_sets: tuple[str, ...] = ("specific", "unseen")  # the 15 paper scenes; the 25 DreamBooth prompts
     dino: str = "tiny"  # DINO ViT-S/16 judge, e.g. "facebook/dino-vits16"
     clip_judges: tuple[str, ...] = ("tiny",)  # e.g. ViT-B/32 (paper-comparable) and ViT-L/14 (unseen in training)
+    # a second DINO that no loss uses, scored beside `dino` as metric "dino_heldout" ("" = none): the
+    # paper's DINO metric is DINO ViT-S/16, the model L_F^I trains against; e.g. "facebook/dinov2-small"
+    heldout_dino: str = ""
     seed: int = 1000  # base seed; the same seeds for every method
     batch_size: int = 16  # images per sampler / judge batch
     out: str = "outputs/eval"  # folder of the CSV, the Markdown table and the chart

@@ -12,6 +12,8 @@ from torch import Tensor
 from comfusion.config import LossConfig
 from comfusion.judges import Judges
 
+FUSION_BACKPROP = ("all", "last")  # which UNet calls of f_theta carry gradients
+
 # Eq. 6: the weight of each term, read from LossConfig; L_C^I has weight 1.
 _WEIGHT_FIELDS = {
     "instance": None,
@@ -54,14 +56,19 @@ def class_scene_loss(eps_pred: Tensor, eps: Tensor) -> Tensor:
 
 
 def coarse_denoise(unet, z_t: Tensor, t: Tensor, encoder_hidden_states: Tensor,
-                   alphas_cumprod: Tensor, tau: int) -> Tensor:
+                   alphas_cumprod: Tensor, tau: int, backprop: str = "all") -> Tensor:
     """Eq. 4 / supplement Eq. 8: the coarse denoising f_theta(z_t, T, tau), tau DDIM (eta=0) steps.
 
     Each level predicts eps = eps_theta(z_t, t, Gamma(T)) and the x0-prediction
     h = (z_t - sqrt(1 - alpha_t) eps) / sqrt(alpha_t) (supplement Eq. 6). With tau = 1 it
     returns h; otherwise it moves to t' = r(tau, t) = ceil(nu t / tau), nu = tau - 1,
     z_t' = sqrt(alpha_t') h + sqrt(1 - alpha_t') eps, and recurses with tau - 1. So t = 600,
-    tau = 3 calls the UNet at 600, 400, 200. The graph through all tau calls is kept.
+    tau = 3 calls the UNet at 600, 400, 200.
+
+    backprop: "all" keeps the graph through all tau calls (the design's reading of the paper);
+    "last" runs the first tau - 1 calls without a graph, so the gradient reaches the UNet and
+    the text embedding through the last call only (the same forward values, a cheaper backward:
+    an ablation, `loss.fusion_backprop`).
 
     unet: called as `unet(sample, timestep, encoder_hidden_states).sample` (diffusers
     UNet2DConditionModel). z_t: (B, C, h, w); t: (B,) integer timesteps, may differ per
@@ -72,12 +79,15 @@ def coarse_denoise(unet, z_t: Tensor, t: Tensor, encoder_hidden_states: Tensor,
         raise ValueError(f"tau must be >= 1, got {tau}")
     if t.dtype.is_floating_point:
         raise ValueError(f"t must be an integer tensor, got {t.dtype}")
-    h, eps = _predict_x0(unet, z_t, t, encoder_hidden_states, alphas_cumprod)
-    for level in range(tau, 1, -1):  # level: the paper's tau at this depth of the recursion
-        nu = level - 1
-        t = (nu * t + level - 1) // level  # r(level, t) = ceil(nu t / level), exact integers
-        z_t = add_noise(h, eps, t, alphas_cumprod)  # DDIM step to t' (eta = 0)
-        h, eps = _predict_x0(unet, z_t, t, encoder_hidden_states, alphas_cumprod)
+    if backprop not in FUSION_BACKPROP:
+        raise ValueError(f"backprop must be one of {FUSION_BACKPROP}, got {backprop!r}")
+    for level in range(tau, 0, -1):  # level: the paper's tau at this depth of the recursion
+        if level < tau:  # move to t' = r(level + 1, t) with the previous call's (h, eps)
+            t = (level * t + level) // (level + 1)  # ceil(nu t / (nu + 1)), nu = level, exact integers
+            z_t = add_noise(h, eps, t, alphas_cumprod)  # DDIM step to t' (eta = 0)
+        graph = backprop == "all" or level == 1
+        with torch.set_grad_enabled(graph and torch.is_grad_enabled()):
+            h, eps = _predict_x0(unet, z_t, t, encoder_hidden_states, alphas_cumprod)
     return h
 
 

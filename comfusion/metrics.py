@@ -37,6 +37,9 @@ from comfusion.prompts import (LIVE_CLASSES, LIVE_SUBJECT_PROMPTS, OBJECT_PROMPT
 
 PROMPT_SETS = ("specific", "unseen")  # the 15 paper scenes (Table 1); the 25 DreamBooth prompts (supp. E)
 METRICS = ("dino", "clip_i", "clip_t")
+# The DINO score of a second DINO that no loss uses (`eval.heldout_dino`, e.g. facebook/dinov2-small):
+# the paper's DINO metric uses DINO ViT-S/16, the very model L_F^I maximises the cosine of.
+HELDOUT_DINO_METRIC = "dino_heldout"
 DINO_RESIZE, DINO_CROP = 256, 224  # the DINO metric protocol: resize short side 256, centre crop 224
 
 
@@ -210,6 +213,7 @@ class ImageEmbeddings:
 
     dino: Tensor
     clip: dict[str, Tensor] = field(default_factory=dict)
+    heldout_dino: dict[str, Tensor] = field(default_factory=dict)  # name -> (N, D') of a DINO no loss uses
 
     def __len__(self) -> int:
         """The number of images N."""
@@ -217,7 +221,8 @@ class ImageEmbeddings:
 
     def select(self, index) -> "ImageEmbeddings":
         """The rows `index` (a slice, a list of positions or a bool mask) of every embedding."""
-        return ImageEmbeddings(self.dino[index], {k: v[index] for k, v in self.clip.items()})
+        return ImageEmbeddings(self.dino[index], {k: v[index] for k, v in self.clip.items()},
+                               {k: v[index] for k, v in self.heldout_dino.items()})
 
 
 @dataclass(frozen=True)
@@ -236,6 +241,8 @@ def image_scores(generated: ImageEmbeddings, real: ImageEmbeddings, texts: dict[
     `texts` maps each CLIP judge to the text embedding(s) of the group's prompt: (1, P) or (N, P).
     """
     scores = [Score(dino_judge, "dino", dino_score(generated.dino, real.dino))]
+    scores += [Score(judge, HELDOUT_DINO_METRIC, dino_score(emb, real.heldout_dino[judge]))
+               for judge, emb in generated.heldout_dino.items() if judge in real.heldout_dino]
     for judge, emb in generated.clip.items():
         scores.append(Score(judge, "clip_i", clip_i_score(emb, real.clip[judge])))
         scores.append(Score(judge, "clip_t", clip_t_score(emb, texts[judge])))
@@ -255,6 +262,7 @@ def real_images_scores(real: ImageEmbeddings, dino_judge: str) -> RealImagesScor
     """DINO and CLIP-I of each real image against the subject's other real images (no CLIP-T)."""
     n = len(real)
     scores = [Score(dino_judge, "dino", real_images_score(real.dino))]
+    scores += [Score(judge, HELDOUT_DINO_METRIC, real_images_score(emb)) for judge, emb in real.heldout_dino.items()]
     scores += [Score(judge, "clip_i", real_images_score(emb)) for judge, emb in real.clip.items()]
     reason = None if n >= 2 else f"needs at least 2 real images, the subject has {n}"
     return RealImagesScores(n, tuple(scores), reason)
@@ -278,18 +286,20 @@ class Scorer:
     """
 
     def __init__(self, dino: nn.Module, clips: dict[str, tuple[nn.Module, object]], *,
-                 dino_name: str = "dino", batch_size: int = 16):
+                 dino_name: str = "dino", batch_size: int = 16, heldout_dino: dict[str, nn.Module] | None = None):
         if not clips:
             raise ValueError("a Scorer needs at least one CLIP judge")
         self.dino, self.dino_name = dino.eval(), dino_name
+        self.heldout_dino = {name: m.eval() for name, m in (heldout_dino or {}).items()}
         self.clips = {name: (model.eval(), tokenizer) for name, (model, tokenizer) in clips.items()}
         self.batch_size = batch_size
         self.device = next(dino.parameters()).device
 
     @classmethod
     def load(cls, dino: str, clip_judges: Sequence[str], *, seed: int = 0, device: str | torch.device = "cpu",
-             batch_size: int = 16) -> "Scorer":
-        """Load the judges by preset name, folder or hub id (see `models.load_judges`), in float32."""
+             batch_size: int = 16, heldout_dino: str = "") -> "Scorer":
+        """Load the judges by preset name, folder or hub id (see `models.load_judges`), in float32;
+        `heldout_dino` ("" for none) is a second DINO scored beside `dino` (`load_heldout_dino`)."""
         from comfusion.models import load_judges  # noqa: PLC0415  (models imports judges; keep this light)
 
         clips, dino_model = {}, None
@@ -298,7 +308,8 @@ class Scorer:
             if dino_model is None:
                 dino_model = judges.dino  # one DINO; the copies the other loads bring are dropped
             clips[name] = (judges.clip, judges.clip_tokenizer)
-        return cls(dino_model, clips, dino_name=dino, batch_size=batch_size)
+        extra = {heldout_dino: load_heldout_dino(heldout_dino, seed=seed, device=device)} if heldout_dino else {}
+        return cls(dino_model, clips, dino_name=dino, batch_size=batch_size, heldout_dino=extra)
 
     @property
     def clip_names(self) -> list[str]:
@@ -318,6 +329,15 @@ class Scorer:
         size = int(self.dino.config.image_size)
         out = [self.dino(pixel_values=dino_preprocess(c, size).to(self.device, self.dino.dtype)
                          ).last_hidden_state[:, 0] for c in self._chunks(images)]
+        return torch.cat(out).float().cpu()
+
+    @torch.inference_mode()
+    def heldout_dino_embed(self, images, judge: str) -> Tensor:
+        """CLS embeddings (N, D') of the held-out DINO `judge`, same protocol as `dino_embed`."""
+        model = self.heldout_dino[judge]
+        size = min(int(model.config.image_size), DINO_CROP)  # DINOv2 says 518 but is evaluated at 224
+        out = [model(pixel_values=dino_preprocess(c, size).to(self.device, model.dtype)).last_hidden_state[:, 0]
+               for c in self._chunks(images)]
         return torch.cat(out).float().cpu()
 
     @torch.inference_mode()
@@ -342,9 +362,27 @@ class Scorer:
 
     def embed_images(self, images) -> ImageEmbeddings:
         """DINO and every CLIP judge's image embeddings of the same images."""
-        return ImageEmbeddings(self.dino_embed(images), {j: self.clip_image_embed(images, j) for j in self.clips})
+        return ImageEmbeddings(self.dino_embed(images), {j: self.clip_image_embed(images, j) for j in self.clips},
+                               {j: self.heldout_dino_embed(images, j) for j in self.heldout_dino})
 
     def embed_texts(self, texts: Sequence[str]) -> dict[str, Tensor]:
         """Every CLIP judge's text embeddings (N, P) of `texts`."""
         return {j: self.clip_text_embed(texts, j) for j in self.clips}
 
+
+
+def load_heldout_dino(name: str, *, seed: int = 0, device: str | torch.device = "cpu") -> nn.Module:
+    """A DINO-role image model that no loss uses, float32 and frozen: a preset name (its DINO
+    judge, e.g. `toy-heldout`), or a folder / hub id of any DINO family model transformers'
+    `AutoModel` loads with a CLS token (`facebook/dinov2-small`, `facebook/dino-vits8`, ...)."""
+    from comfusion import models, presets_dir  # noqa: PLC0415  (models imports judges; keep this light)
+
+    if name in models.JUDGE_PRESETS or (presets_dir() / name / "dino").is_dir():
+        return models.load_judges(name, name, seed=seed, device=device, dtype=torch.float32).dino
+    from transformers import AutoModel  # noqa: PLC0415
+
+    try:
+        model = AutoModel.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise models.ModelNotFoundError(name, "held-out dino judge", e) from None
+    return model.to(device=device, dtype=torch.float32).eval().requires_grad_(False)

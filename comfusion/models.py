@@ -16,9 +16,11 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, ViTConfig, ViTModel
+from tokenizers import AddedToken
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from comfusion.judges import Judges
+from comfusion.prompts import IDENTIFIER_TOKENS
 
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -41,17 +43,50 @@ class ModelNotFoundError(OSError):
 # the byte-level tokenizer
 
 
-def build_byte_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
-    """A CLIP tokenizer whose vocabulary is the 256 byte symbols (and their `</w>` forms).
+def build_byte_tokenizer(model_max_length: int = 77,
+                         identifiers: tuple[str, ...] = IDENTIFIER_TOKENS) -> CLIPTokenizer:
+    """A CLIP tokenizer whose vocabulary is the 256 byte symbols (and their `</w>` forms),
+    plus one token per word of `identifiers`.
 
     With no merges every character is one token, so it tokenizes any prompt without a
-    vocabulary download; it saves and loads like SD 1.5's tokenizer.
+    vocabulary download; it saves and loads like SD 1.5's tokenizer. The identifier words are
+    added tokens (ids after BOS and EOS, so the byte ids never move) matched as whole words:
+    "a sks ball" gives a, sks, b, a, l, l, while "tasks" stays bytes. A text encoder for this
+    tokenizer needs rows for them: `add_identifier_tokens` adds both at once.
     """
     symbols = list(bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols] + [BOS, EOS]
     vocab = {tok: i for i, tok in enumerate(tokens)}
-    return CLIPTokenizer(vocab=vocab, merges=[], bos_token=BOS, eos_token=EOS, pad_token=EOS,
-                         unk_token=EOS, model_max_length=model_max_length)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], bos_token=BOS, eos_token=EOS, pad_token=EOS,
+                              unk_token=EOS, model_max_length=model_max_length)
+    tokenizer.add_tokens([AddedToken(w, single_word=True, normalized=True) for w in identifiers])
+    return tokenizer
+
+
+def add_identifier_tokens(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, seed: int = 0,
+                          identifiers: tuple[str, ...] = IDENTIFIER_TOKENS) -> list[int]:
+    """Reserve `identifiers` as single tokens of `tokenizer` and give `text_encoder` their rows.
+
+    How the rows start: each new row of the token embedding is drawn, from its own seeded
+    generator, from a normal distribution with the per-dimension mean and standard deviation
+    of the existing rows. An identifier so starts as a token of the vocabulary's typical scale
+    that means nothing yet, as a rare token of a pretrained vocabulary ("sks" in SD 1.5's)
+    does; finetuning gives it the subject. The global RNG is left untouched, and words the
+    tokenizer already holds are skipped. Returns the ids of the words added.
+    """
+    new = [w for w in identifiers if w not in tokenizer.get_vocab()]
+    tokenizer.add_tokens([AddedToken(w, single_word=True, normalized=True) for w in new])
+    old = text_encoder.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) == old:
+        return []
+    with torch.random.fork_rng(devices=[]):  # the resize initialises its new rows from the global RNG
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows drawn below
+    with torch.no_grad():
+        weight = text_encoder.get_input_embeddings().weight  # (V + K, D)
+        mean, std = weight[:old].mean(0), weight[:old].std(0)  # (D,) each
+        g = torch.Generator().manual_seed(seed)
+        weight[old:] = mean + std * torch.randn(len(tokenizer) - old, weight.shape[1], generator=g).to(weight)
+    return list(range(old, len(tokenizer)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -68,7 +103,7 @@ class BasePreset:
     resolution: int
 
 
-def _sd15_scheduler_config() -> dict:
+def sd15_scheduler_config() -> dict:
     # SD 1.5's noise schedule: scaled_linear betas 0.00085..0.012 over 1000 steps.
     return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                 clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
@@ -124,35 +159,45 @@ JUDGE_PRESETS: dict[str, dict] = {
 }
 # Presets written to the cache folder and loaded back with from_pretrained (small enough to save).
 SAVED_PRESETS = ("tiny",)
+# Part of the cache folder name of saved presets; bumped when what a preset holds changes
+# (2: the tokenizer reserves the identifier tokens), so an older cached copy is never read.
+PRESET_FORMAT = 2
 
 
-def _token_ids(tokenizer: CLIPTokenizer) -> dict:
+def text_token_ids(tokenizer: CLIPTokenizer) -> dict:
+    """The vocabulary size and special token ids a CLIP text config needs for `tokenizer`."""
     return dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
                 eos_token_id=tokenizer.convert_tokens_to_ids(EOS), pad_token_id=tokenizer.convert_tokens_to_ids(EOS))
 
 
-def build_base_components(name: str, seed: int = 0) -> dict:
-    """The components of base preset `name` with seeded random weights (same seed, same weights)."""
-    preset = BASE_PRESETS[name]
-    tokenizer = build_byte_tokenizer()
+def build_base_components(preset: str | BasePreset, seed: int = 0) -> dict:
+    """The components of a base preset (a name of BASE_PRESETS, or shapes) with seeded random
+    weights (same seed, same weights); the tokenizer reserves the identifier tokens."""
+    preset = BASE_PRESETS[preset] if isinstance(preset, str) else preset
+    tokenizer = build_byte_tokenizer(identifiers=())
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**preset.text, **_token_ids(tokenizer)))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**preset.text, **text_token_ids(tokenizer)))
+    add_identifier_tokens(tokenizer, text_encoder, seed=seed)  # own generator: the draws below stay as they were
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(**preset.vae)
     torch.manual_seed(seed + 2)
     unet = UNet2DConditionModel(**preset.unet)
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                scheduler=DDIMScheduler(**_sd15_scheduler_config()))
+                scheduler=DDIMScheduler(**sd15_scheduler_config()))
 
 
-def build_judge_components(name: str, seed: int = 0) -> dict:
-    """A DINO-shaped ViTModel and a CLIPModel (with its tokenizer), seeded random weights."""
-    p = JUDGE_PRESETS[name]
-    tokenizer = build_byte_tokenizer()
+def build_judge_components(preset: str | dict, seed: int = 0) -> dict:
+    """A DINO-shaped ViTModel and a CLIPModel (with its tokenizer), seeded random weights.
+
+    `preset` is a name of JUDGE_PRESETS or a dict of the same form. The CLIP tokenizer has no
+    identifier tokens: judges score class and scene words, never an identifier.
+    """
+    p = JUDGE_PRESETS[preset] if isinstance(preset, str) else preset
+    tokenizer = build_byte_tokenizer(identifiers=())
     torch.manual_seed(seed + 10)
     dino = ViTModel(ViTConfig(**p["dino"]), add_pooling_layer=False)
     torch.manual_seed(seed + 11)
-    ids = _token_ids(tokenizer)
+    ids = text_token_ids(tokenizer)
     clip = CLIPModel(CLIPConfig(text_config={**p["clip_text"], **ids, "max_position_embeddings": 77},
                                 vision_config=p["clip_vision"], projection_dim=p["projection_dim"]))
     return dict(dino=dino, clip=clip, clip_tokenizer=tokenizer)
@@ -201,7 +246,7 @@ def _publish(build, folder: Path) -> Path:
 
 def materialize_preset(name: str, seed: int = 0, kind: str = "base") -> Path:
     """The cache folder holding preset `name` (written on first use)."""
-    folder = cache_root() / "presets" / f"{kind}-{name}-seed{seed}"
+    folder = cache_root() / "presets" / f"{kind}-{name}-v{PRESET_FORMAT}-seed{seed}"
     folder.parent.mkdir(parents=True, exist_ok=True)
     if kind == "base":
         return _publish(lambda tmp: save_base(build_base_components(name, seed), tmp), folder)

@@ -20,6 +20,14 @@ PAPER_SCENES: tuple[str, ...] = (
     "on the grass",
 )
 
+# Identifier words that the project's byte-level tokenizers (`tiny`, `toy`, `sd15-arch`) keep as
+# single tokens of their own, appended after the byte vocabulary (`comfusion.models`). No caption
+# of the toy world and no prompt list here uses them, so, like "sks" in SD 1.5's vocabulary, each
+# is a rare token that shares nothing with a class or scene word. The default identifier is the
+# first; the demo's subjects use the first two.
+IDENTIFIER_TOKENS: tuple[str, ...] = ("sks", "zwx", "qlv", "vbx", "pxk", "jqz", "wqy", "ykv")
+DEFAULT_IDENTIFIER = IDENTIFIER_TOKENS[0]
+
 # Supplement E / DreamBooth protocol: 25 prompts for unseen scenes. Each is a template
 # over "{identifier} {class_noun}"; the lists are the dataset's `prompts_and_classes.txt`.
 _SHARED_RECONTEXT = (

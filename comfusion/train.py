@@ -85,6 +85,9 @@ class TrainCallbacks:
         current weights; every `train.validate_every` steps (if > 0) and at `train.steps`.
     on_checkpoint(step, trainer): every `train.checkpoint_every` steps, after the step; a job
         calls `trainer.save_state(...)` here and reports the folder.
+    on_grad_norms(step, norms): every `train.grad_norm_every` steps (if > 0), after on_step;
+        norms holds the gradient L2 norm of each weighted term of that step (the terms the
+        method has) and "total", before clipping. Jobs log them as `grad_norm/<term>`.
     """
 
     def on_step(self, step: int, terms: dict[str, float], lr: float) -> None: ...
@@ -92,6 +95,8 @@ class TrainCallbacks:
     def on_validation(self, step: int, images: dict[str, np.ndarray]) -> None: ...
 
     def on_checkpoint(self, step: int, trainer: "SubjectTrainer") -> None: ...
+
+    def on_grad_norms(self, step: int, norms: dict[str, float]) -> None: ...
 
 
 def default_device() -> str:
@@ -110,7 +115,7 @@ class SubjectTrainer:
         self.cfg, self.subject = cfg, subject
         self.device = torch.device(device or default_device())
         self.callbacks = _as_list(callbacks)
-        self.step, self.last_terms = 0, {}
+        self.step, self.last_terms, self.last_grad_norms = 0, {}, {}
         self.generator = torch.Generator().manual_seed(cfg.train.seed)  # CPU: same draws on any device
         self.use_fusion = (cfg.method == "comfusion" and cfg.loss.fusion
                            and (cfg.loss.use_fusion_instance or cfg.loss.use_fusion_scene))
@@ -216,7 +221,11 @@ class SubjectTrainer:
             terms = self.loss_terms()
         total, logs = total_loss(terms, self.cfg.loss)
         _check_finite(step, logs)  # before backward: weights, grads and optimizer state untouched
-        total.backward()
+        every = self.cfg.train.grad_norm_every
+        if every and step % every == 0:
+            self.last_grad_norms = self._backward_per_term(terms)
+        else:
+            total.backward()
         self._clip_gradients(step)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -249,8 +258,8 @@ class SubjectTrainer:
     def fusion_terms(self, prior_idx: Tensor) -> dict[str, Tensor]:
         """Eq. 4-5: noise the priors' latents, coarse-denoise them with T^IS, decode, judge.
 
-        Gradients reach the UNet (all tau calls) and the text encoder (which encodes T^IS)
-        through the frozen VAE decoder and judges.
+        Gradients reach the UNet (all tau calls, or the last with `loss.fusion_backprop: last`)
+        and the text encoder (which encodes T^IS) through the frozen VAE decoder and judges.
         """
         lc = self.cfg.loss
         z0 = self.prior_latents[prior_idx]  # (B, 4, h, w)
@@ -259,11 +268,30 @@ class SubjectTrainer:
         texts = [instance_scene_text(self.subject.identifier, self.subject.class_noun, self.prior_scenes[i])
                  for i in prior_idx.tolist()]  # T^IS: T^CS with the identifier
         cond = encode_text(self.tokenizer, self.text_encoder, texts)  # (B, 77, E)
-        z_is = coarse_denoise(self.unet, z_t, t, cond, self.alphas_cumprod, lc.tau)  # (B, 4, h, w)
+        z_is = coarse_denoise(self.unet, z_t, t, cond, self.alphas_cumprod, lc.tau,
+                              backprop=lc.fusion_backprop)  # (B, 4, h, w)
         x_is = self.vae.decode(z_is / self.vae.config.scaling_factor).sample  # (B, 3, H, W) in ~[-1, 1]
         scene_clip = None if self.scene_text_clip is None else self.scene_text_clip[prior_idx.to(self.device)]
         return fusion_losses(x_is, self.instance_dino, scene_clip, self.judges,
                              use_instance=lc.use_fusion_instance, use_scene=lc.use_fusion_scene)
+
+    def _backward_per_term(self, terms: dict[str, Tensor]) -> dict[str, float]:
+        """Backward of Eq. 6 one weighted term at a time: the same summed gradient as
+        `total.backward()`, plus the L2 norm of each term's own gradient over the trainable
+        parameters (before clipping) and of their sum ("total")."""
+        summed: list[Tensor | None] = [None] * len(self.trainable)
+        norms: dict[str, float] = {}
+        names = list(terms)
+        for k, name in enumerate(names):
+            weighted = total_loss({name: terms[name]}, self.cfg.loss)[0]
+            grads = torch.autograd.grad(weighted, self.trainable, retain_graph=k < len(names) - 1,
+                                        allow_unused=True)
+            norms[name] = _norm(grads)
+            summed = [s if g is None else (g if s is None else s + g) for s, g in zip(summed, grads)]
+        norms["total"] = _norm(summed)
+        for p, g in zip(self.trainable, summed):
+            p.grad = g
+        return norms
 
     def _clip_gradients(self, step: int) -> float:
         """Clip to `train.grad_clip` (0: no clipping); a NaN/inf gradient raises before the update."""
@@ -294,6 +322,8 @@ class SubjectTrainer:
         while self.step < until:
             terms = self.train_step()
             self._emit("on_step", self.step, terms, self.lr)
+            if tc.grad_norm_every and self.step % tc.grad_norm_every == 0:
+                self._emit("on_grad_norms", self.step, self.last_grad_norms)
             if self._validation_due():
                 self._emit("on_validation", self.step, self.validation_images())
             if self.step % tc.checkpoint_every == 0:
@@ -397,6 +427,11 @@ def _hook(callback: Any, name: str) -> bool:
     """Whether `callback` has method `name` of its own (not `TrainCallbacks`' no-op)."""
     fn = getattr(callback, name, None)
     return fn is not None and getattr(fn, "__func__", None) is not getattr(TrainCallbacks, name)
+
+
+def _norm(grads: Sequence[Tensor | None]) -> float:
+    """L2 norm over a list of gradients (None: no gradient)."""
+    return sum(float(g.float().square().sum()) for g in grads if g is not None) ** 0.5
 
 
 def _check_finite(step: int, terms: dict[str, float]) -> None:

@@ -1,6 +1,6 @@
 """Photos of the demo subjects (the project ships no photos): instances of the toy world.
 
-Each subject is one fixed object of `comfusion.world` (a class noun, a named colour, and a
+Each subject is one fixed object of `comfusion.toy.world` (a class noun, a named colour, and a
 pattern and marks that no caption word names), photographed from a few views on the world's
 one photo background, "in the room", at the toy model's 32x32. The instance seeds are in the
 held-out range, so the pretrained `toy` model never saw these objects: only their photos can
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from comfusion import world
+from comfusion.toy import world
 
 DEMO_SUBJECTS = {
     # id: (instance seed, class noun, number of photos); the id names the colour the seed gives

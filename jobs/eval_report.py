@@ -103,7 +103,7 @@ def embed_references(cfg: JobConfig, targets: list[Target], plans: list[list[Eva
     """Real-photo embeddings per subject, CLIP text embeddings per CLIP-T text, and the Real Images rows."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     scorer = Scorer.load(cfg.eval.dino, cfg.eval.clip_judges, seed=cfg.model.preset_seed, device=device,
-                         batch_size=cfg.eval.batch_size)
+                         batch_size=cfg.eval.batch_size, heldout_dino=cfg.eval.heldout_dino)
     real, rows = {}, []
     for t in targets:
         if t.subject in real:

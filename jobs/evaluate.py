@@ -235,7 +235,7 @@ class EvalWorker:
         self.components = load_base(cfg.model.base, revision=cfg.model.revision, seed=cfg.model.preset_seed,
                                     device=device, dtype=default_dtype(device))
         self.scorer = Scorer.load(cfg.eval.dino, cfg.eval.clip_judges, seed=cfg.model.preset_seed, device=device,
-                                  batch_size=cfg.eval.batch_size)
+                                  batch_size=cfg.eval.batch_size, heldout_dino=cfg.eval.heldout_dino)
         self.loaded: str | None = None  # checkpoint folder whose weights are in the components
 
     def process(self, item: dict) -> dict[str, np.ndarray]:
@@ -258,6 +258,7 @@ class EvalWorker:
                "thumb": np.array([thumbnail_png(im) if int(j) < GRID_IMAGES else b""
                                   for im, j in zip(images, item["image_index"])], dtype=object)}
         row.update({f"clip_{k}": emb.clip[name].numpy() for k, name in enumerate(self.scorer.clip_names)})
+        row.update({"dino_heldout": emb.heldout_dino[j].numpy() for j in emb.heldout_dino})  # at most one
         return row
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -293,8 +294,11 @@ def generate_plain(cfg: JobConfig, items: list[dict], worker: EvalWorker | None 
 # collecting
 
 
-def collect(batches: Iterable[dict], clip_names: list[str], total: int, progress: Progress | None = say
-            ) -> dict[int, Generated]:
+HELDOUT_KEY = "\x00heldout-dino"  # never a CLIP judge's name
+
+
+def collect(batches: Iterable[dict], clip_names: list[str], total: int, progress: Progress | None = say,
+            heldout_dino: str = "") -> dict[int, Generated]:
     """Gather the per-image rows by target, sorted, so the scores do not depend on arrival order."""
     parts: dict[int, list] = defaultdict(list)
     done, next_report, t0 = 0, 0.0, time.perf_counter()
@@ -302,6 +306,8 @@ def collect(batches: Iterable[dict], clip_names: list[str], total: int, progress
         for i in range(len(batch["target"])):
             key = (str(batch["prompt_set"][i]), int(batch["prompt_index"][i]), int(batch["image_index"][i]))
             clips = {name: batch[f"clip_{k}"][i] for k, name in enumerate(clip_names)}
+            if "dino_heldout" in batch:  # the held-out DINO (eval.heldout_dino) rides with the CLIP judges
+                clips[HELDOUT_KEY] = batch["dino_heldout"][i]
             parts[int(batch["target"][i])].append((key, batch["dino"][i], clips, bytes(batch["thumb"][i])))
         done += len(batch["target"])
         if progress and (done / total >= next_report or done == total):
@@ -312,6 +318,8 @@ def collect(batches: Iterable[dict], clip_names: list[str], total: int, progress
         rows.sort(key=lambda r: r[0])
         emb = ImageEmbeddings(torch.from_numpy(np.stack([r[1] for r in rows])),
                               {n: torch.from_numpy(np.stack([r[2][n] for r in rows])) for n in clip_names})
+        if heldout_dino and HELDOUT_KEY in rows[0][2]:
+            emb.heldout_dino[heldout_dino] = torch.from_numpy(np.stack([r[2][HELDOUT_KEY] for r in rows]))
         out[t] = Generated([r[0] for r in rows], emb, {r[0]: r[3] for r in rows if r[3]})
     return out
 
@@ -373,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         items = work_items(cfg, targets, plans)
         batches = generate_plain(cfg, items) if args.no_ray else generate_ray(cfg, items)
         clip_names = list(dict.fromkeys(cfg.eval.clip_judges))
-        generated = collect(batches, clip_names, n_images)
+        generated = collect(batches, clip_names, n_images, heldout_dino=cfg.eval.heldout_dino)
     except (ModelNotFoundError, ImageError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1 if not isinstance(e, ConfigError) else 2

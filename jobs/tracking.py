@@ -167,6 +167,12 @@ class RunLogger:
         self.pending += [Metric(f"loss/{k}", float(terms.get(k, 0.0)), ts, step) for k in LOSS_KEYS]
         self.pending.append(Metric("lr", float(lr), ts, step))
 
+    def on_grad_norms(self, step: int, norms: dict[str, float]) -> None:
+        """Per-term gradient norms (`train.grad_norm_every`), buffered like the losses."""
+        if step > self.logged_until:
+            ts = int(time.time() * 1000)
+            self.pending += [Metric(f"grad_norm/{k}", float(v), ts, step) for k, v in norms.items()]
+
     def on_validation(self, step: int, images: dict[str, np.ndarray]) -> None:
         for scene, image in images.items():
             self.client.log_image(self.run_id, image, key=f"samples/{scene_slug(scene)}", step=step)

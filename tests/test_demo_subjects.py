@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from comfusion import world
+from comfusion.toy import world
 from comfusion.config import load_config
 from comfusion.data import check_subject
 from jobs.demo_subjects import DEMO_SUBJECTS, demo_instance, write_demo_subjects

@@ -175,6 +175,39 @@ def test_coarse_denoise_gradient_reaches_unet_parameters():
         torch.testing.assert_close(g, r)
 
 
+def test_coarse_denoise_backprop_last_same_value_gradient_of_last_call_only():
+    """`loss.fusion_backprop: last`: the forward value is unchanged, and the gradient equals the
+    literal recursion's with the first tau - 1 calls' outputs held constant."""
+    torch.manual_seed(0)
+    w = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)  # the "UNet" weight
+    fn = lambda z, t, c: w * z + 1e-3 * t.view(-1, 1, 1, 1) + c.mean(dim=(1, 2)).view(-1, 1, 1, 1)  # noqa: E731
+    a = sd_alphas_cumprod()
+    z = torch.randn(1, 4, 2, 2, dtype=torch.float64)
+    text = torch.randn(1, 3, 5, dtype=torch.float64, requires_grad=True)
+    rec_all, rec_last = RecordingEps(fn), RecordingEps(fn)
+    out_all = coarse_denoise(rec_all, z, torch.tensor([600]), text, a, tau=3)
+    out_last = coarse_denoise(rec_last, z, torch.tensor([600]), text, a, tau=3, backprop="last")
+    torch.testing.assert_close(out_last, out_all)
+    assert rec_last.calls == rec_all.calls == [[600], [400], [200]]
+    g_last = torch.autograd.grad(out_last.sum(), [w, text])
+    # by hand: the last call sees z_200 (a constant) and predicts h = (z - sqrt(1-a) eps) / sqrt(a)
+    with torch.no_grad():
+        h1 = reference_f_theta(fn, z, 600, text, a, 1)
+        eps1 = fn(z, torch.tensor([600.0], dtype=z.dtype), text)
+        z400 = math.sqrt(a[400]) * h1 + math.sqrt(1 - a[400]) * eps1
+        h2 = reference_f_theta(fn, z400, 400, text, a, 1)
+        eps2 = fn(z400, torch.tensor([400.0], dtype=z.dtype), text)
+        z200 = math.sqrt(a[200]) * h2 + math.sqrt(1 - a[200]) * eps2
+    ref = reference_f_theta(fn, z200, 200, text, a, 1)
+    g_ref = torch.autograd.grad(ref.sum(), [w, text])
+    for g, r in zip(g_last, g_ref):
+        torch.testing.assert_close(g, r)
+    g_all = torch.autograd.grad(coarse_denoise(RecordingEps(fn), z, torch.tensor([600]), text, a, 3).sum(), [w])
+    assert not torch.allclose(g_all[0], g_last[0])  # the two settings differ in gradient, not value
+    with pytest.raises(ValueError):
+        coarse_denoise(RecordingEps(), z, torch.tensor([600]), text, a, tau=3, backprop="first")
+
+
 def test_coarse_denoise_rejects_bad_input():
     a = sd_alphas_cumprod()
     with pytest.raises(ValueError):

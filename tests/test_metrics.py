@@ -206,3 +206,33 @@ def test_real_images_on_dreambooth_real_judges():
     row = real_row(scorer, ["dog", "backpack", "duck_toy", "cat"])
     # the paper's Real Images row over 25 subjects: DINO 0.795, CLIP-I 0.859
     assert 0.5 < row["facebook/dino-vits16/dino"] < 1 and 0.6 < row["openai/clip-vit-base-patch32/clip_i"] < 1
+
+
+def test_heldout_dino_is_scored_beside_the_training_dino():
+    """`eval.heldout_dino`: a second DINO, no loss uses it, scored as metric `dino_heldout`."""
+    from comfusion.metrics import HELDOUT_DINO_METRIC
+
+    gen = ImageEmbeddings(torch.eye(2), {"b32": torch.eye(2)}, {"dinov2": torch.tensor([[1.0, 0.0], [1.0, 1.0]])})
+    real = ImageEmbeddings(torch.eye(2)[:1], {"b32": torch.eye(2)[:1]}, {"dinov2": torch.tensor([[1.0, 0.0]])})
+    got = {(s.judge, s.metric): s.value for s in image_scores(gen, real, {"b32": torch.eye(2)[:1]}, "vits16")}
+    assert got[("dinov2", HELDOUT_DINO_METRIC)] == pytest.approx((1 + R2) / 2)
+    assert got[("vits16", "dino")] == pytest.approx(0.5)
+    assert gen.select([1]).heldout_dino["dinov2"].tolist() == [[1.0, 1.0]]
+    two = real_images_scores(ImageEmbeddings(torch.eye(2), {}, {"dinov2": torch.eye(2)}), "vits16")
+    assert [(s.judge, s.metric, s.value) for s in two.scores] == [("vits16", "dino", 0.0),
+                                                                   ("dinov2", HELDOUT_DINO_METRIC, 0.0)]
+
+
+def test_scorer_loads_a_heldout_dino_and_collect_keeps_it():
+    from jobs.evaluate import collect
+
+    scorer = Scorer.load("tiny", ["tiny"], heldout_dino="toy")
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    emb = scorer.embed_images(images)
+    assert emb.heldout_dino["toy"].shape == (3, 64) and emb.dino.shape == (3, 32)
+    batch = {"target": np.zeros(3, dtype=np.int64), "prompt_set": np.array(["specific"] * 3),
+             "prompt_index": np.arange(3), "image_index": np.zeros(3, dtype=np.int64), "dino": emb.dino.numpy(),
+             "thumb": np.array([b""] * 3, dtype=object), "clip_0": emb.clip["tiny"].numpy(),
+             "dino_heldout": emb.heldout_dino["toy"].numpy()}
+    got = collect([batch], ["tiny"], 3, progress=None, heldout_dino="toy")[0].embeddings
+    assert torch.equal(got.heldout_dino["toy"], emb.heldout_dino["toy"]) and list(got.clip) == ["tiny"]

@@ -6,7 +6,7 @@ import numpy as np
 from comfusion import presets_dir
 from comfusion.models import load_base, load_judges, resolve_base
 from comfusion.sampling import sample
-from comfusion.world import scene_of
+from comfusion.toy.world import scene_of
 
 TOY = presets_dir() / "toy"
 

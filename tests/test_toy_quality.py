@@ -14,10 +14,12 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "toy_quality.py"
-COLUMNS = ["DINO", "CLIP-I", "CLIP-T", "scene (exact)", "inst dist (exact)", "both (exact)"]
+HELDOUT = (REPO / "comfusion" / "presets" / "toy-heldout" / "dino").is_dir()
+COLUMNS = ["DINO (train)", "DINO (held-out)", "CLIP-I (held-out)", "CLIP-T (held-out)", "scene (exact)",
+           "inst dist (exact)", "inst dist, scene ok", "both (exact)", "DINO vs photos (old)"]
 
 
-def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def _run(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env,
                           timeout=timeout, cwd=REPO)
@@ -35,7 +37,7 @@ def tiny_run(tmp_path_factory):
 def _table(md: str) -> dict[str, dict[str, str]]:
     lines = [ln for ln in md.splitlines() if ln.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert header[1:7] == COLUMNS
+    assert header[1:10] == COLUMNS
     rows = {}
     for ln in lines[2:]:
         cells = [c.strip() for c in ln.strip("|").split("|")]
@@ -49,8 +51,10 @@ def test_prints_the_table_one_row_per_method_plus_references(tiny_run):
     assert list(rows) == ["Real Images", "Base, colour named", "DreamBooth", "ComFusion (tau=3)", "w/o L_F^I"]
     assert "| DreamBooth |" in stdout  # printed, not only written
     for label, cells in rows.items():
-        for col in ("DINO", "CLIP-I", "CLIP-T"):
+        for col in ("DINO (train)", "DINO vs photos (old)"):
             assert -1.0 <= float(cells[col]) <= 1.0, (label, col)
+        for col in ("DINO (held-out)", "CLIP-I (held-out)", "CLIP-T (held-out)"):  # once toy-heldout is committed
+            assert (-1.0 <= float(cells[col]) <= 1.0) if HELDOUT else cells[col] == "nan", (label, col)
         for col in ("scene (exact)", "both (exact)"):
             assert 0.0 <= float(cells[col]) <= 1.0, (label, col)
         assert float(cells["inst dist (exact)"]) >= 0.0
@@ -72,7 +76,7 @@ def test_writes_per_instance_csv_samples_and_json(tiny_run):
     assert all(float(r["loss_fusion_instance"]) != 0.0 and float(r["loss_fusion_scene"]) != 0.0 for r in fusion)
     assert all(float(r["loss_fusion_instance"]) == 0.0 for r in rows if r["row"] == "no_fi")
     grid = Image.open(out / "samples.png")
-    assert grid.size == (120 + 2 * 32 * 2, 5 * 32 * 2)  # labels, then scenes x rows of 32 px pictures at 2x
+    assert grid.size == (160 + 2 * 32 * 2, 5 * 32 * 2)  # labels, then scenes x rows of 32 px pictures at 2x
     res = json.loads((out / "results.json").read_text())
     assert res["rows"] == ["real", "base", "dreambooth", "comfusion", "no_fi"]
     assert res["config"]["model"]["base"] == "toy" and res["config"]["train"]["steps"] == 3
@@ -88,3 +92,32 @@ def test_bad_input_is_refused_before_any_work(tmp_path):
     assert not (tmp_path / "b").exists()
     proc = _run("--instances", "0", "--out", str(tmp_path / "c"))
     assert proc.returncode == 2 and "--instances" in proc.stderr
+
+
+def test_study_runs_in_pieces_resumes_and_reports_intervals(tmp_path):
+    out = tmp_path / "study"
+    small = ["--study", "--instances", "2", "--seeds", "0", "--lrs", "2e-4", "1e-4", "--steps", "2", "--every", "1",
+             "--scenes", "2", "--images-per-scene", "1", "--priors", "4", "--workers", "1", "--judges", "toy",
+             "--set", "train.grad_norm_every=1", "--out", str(out)]
+    first = _run(*small, "--piece", "1/2")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    tasks = out / "study" / "tasks"
+    n_first = len(list(tasks.glob("*.json")))
+    assert n_first == 6  # (2 instances x (real, base) + 2 x 2 lrs x 2 rows) / 2
+    second = _run(*small, "--piece", "2/2")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert len(list(tasks.glob("*.json"))) == 12 and len(list(tasks.glob("*.npz"))) == 12
+    again = _run(*small)  # everything done: nothing is trained again
+    assert again.returncode == 0 and "0 still to run" in again.stdout
+    table = (out / "study" / "table.md").read_text()
+    assert "### lr 0.0001, guidance 7.5, step 1" in table and "### lr 0.0002, guidance 7.5, step 2" in table
+    comfusion = [ln for ln in table.splitlines() if ln.startswith("| ComFusion (tau=3) | 2 |")]
+    assert len(comfusion) == 4 and "[" in comfusion[0]  # a difference to DreamBooth with its interval
+    assert Image.open(out / "study" / "tradeoff.png").size[0] > 500
+    norms = [ln for ln in table.split("### gradient norm")[1].splitlines() if ln.startswith("| ComFusion (tau=3)")]
+    assert len(norms) == 2 and all(float(c) > 0 for c in norms[0].strip("|").split("|")[2:])  # every term, each lr
+    with open(out / "study" / "records.csv") as f:
+        records = list(csv.DictReader(f))
+    assert {r["step"] for r in records if r["row"] == "comfusion"} == {"1", "2"}
+    bad = _run("--study", "--piece", "3/2", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "--piece" in bad.stderr

@@ -171,6 +171,55 @@ def test_tau_sets_the_number_of_unet_calls(subject, priors, tau, batch):
     assert batches == [2 * batch] + [batch] * tau  # instance+prior in one batch, then f_theta's tau calls
 
 
+def test_fusion_backprop_last_keeps_the_graph_of_the_last_unet_call_only(subject, priors):
+    trainer = SubjectTrainer(make_cfg(**{"loss.fusion_backprop": "last"}), subject, priors, device="cpu")
+    graphs = []
+    trainer.unet.register_forward_hook(lambda mod, args, out: graphs.append(out.sample.requires_grad))
+    trainer.optimizer.zero_grad(set_to_none=True)
+    terms = trainer.fusion_terms(torch.tensor([1]))
+    assert graphs == [False, False, True]  # tau = 3: only the last call of f_theta has a graph
+    (terms["fusion_instance"] + terms["fusion_scene"]).backward()
+    token_embedding = trainer.text_encoder.get_input_embeddings().weight
+    assert nonzero_grad(trainer.unet.conv_in.weight) and nonzero_grad(token_embedding)
+    assert all(math.isfinite(v) for v in trainer.train_step().values())
+
+
+class NormRecorder(Recorder):
+    def __init__(self):
+        super().__init__()
+        self.norms = []
+
+    def on_grad_norms(self, step, norms):
+        self.norms.append((step, dict(norms)))
+
+
+@pytest.mark.parametrize("method", ["comfusion", "dreambooth"])
+def test_grad_norms_every_n_steps_and_the_same_summed_gradient(subject, priors, class_priors, method):
+    prior_set = priors if method == "comfusion" else class_priors
+    rec = NormRecorder()
+    cfg = make_cfg(method=method, **{"train.grad_norm_every": 2, "train.steps": 3})
+    SubjectTrainer(cfg, subject, prior_set, device="cpu", callbacks=rec).run()
+    assert [s for s, _ in rec.norms] == [2] and [s for s, _, _ in rec.steps] == [1, 2, 3]
+    norms = rec.norms[0][1]
+    fusion = {"fusion_instance", "fusion_scene"} if method == "comfusion" else set()
+    terms = {"instance", "class_scene", "total"} | fusion
+    assert set(norms) == terms and all(math.isfinite(v) and v > 0 for v in norms.values())
+    assert norms["total"] <= sum(v for k, v in norms.items() if k != "total") * (1 + 1e-6)  # triangle inequality
+
+    grads = []  # one backward per term sums to the gradient of one backward of the total
+    for per_term in (True, False):
+        trainer = SubjectTrainer(cfg, subject, prior_set, device="cpu")
+        terms = trainer.loss_terms()
+        if per_term:
+            got = trainer._backward_per_term(terms)
+        else:
+            train_mod.total_loss(terms, cfg.loss)[0].backward()
+        grads.append([p.grad.clone() for p in trainer.trainable])
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-8) for a, b in zip(*grads))
+    total = sum(float(g.square().sum()) for g in grads[1]) ** 0.5
+    assert got["total"] == pytest.approx(total, rel=1e-4)
+
+
 # --------------------------------------------------------------------------------------
 # a 4-step run, recorded once: parameters, callbacks, validation, resume, publish
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from comfusion import world
 from comfusion.prompts import PAPER_SCENES
+from comfusion.toy import world
 
 
 def test_render_is_deterministic_seeded_and_any_size():
@@ -114,11 +114,11 @@ def test_instance_distance_prefers_the_same_instance_in_another_scene():
 
 def test_toy_preset_fits_the_weight_budget():
     from comfusion.models import BasePreset
-    from comfusion.toy_pretrain import TOY_PRESET, build_toy_components, parameter_count
+    from comfusion.toy.pretrain import TOY_PRESET, build_toy_components, parameter_count
 
     preset = BasePreset(**TOY_PRESET)  # models.py can adopt it as it is
     assert preset.resolution == 32
-    from comfusion.toy_judges import build_toy_judges
+    from comfusion.toy.judges import build_toy_judges
 
     a, b = build_toy_components(0), build_toy_components(0)
     base = sum(parameter_count(a[k]) for k in ("unet", "vae", "text_encoder"))
@@ -128,7 +128,7 @@ def test_toy_preset_fits_the_weight_budget():
 
 
 def test_toy_pretrain_steps_are_reproducible():
-    from comfusion.toy_pretrain import PretrainConfig, build_toy_components, render_pool, train_unet, train_vae
+    from comfusion.toy.pretrain import PretrainConfig, build_toy_components, render_pool, train_unet, train_vae
 
     cfg = PretrainConfig(pool=8, batch_size=4, log_every=100)
     images, captions = render_pool(8, 32, 0)
@@ -148,7 +148,7 @@ def test_toy_pretrain_script_runs_and_its_folder_loads_and_samples(tmp_path, cap
 
     from comfusion.models import load_base
     from comfusion.sampling import sample
-    from comfusion.toy_pretrain import main
+    from comfusion.toy.pretrain import main
 
     out = tmp_path / "toy"
     assert main(["--out", str(out), "--steps", "2", "--pool", "16", "--batch-size", "8", "--log-every", "1",
@@ -169,7 +169,7 @@ def test_toy_pretrain_script_runs_and_its_folder_loads_and_samples(tmp_path, cap
 
 def test_toy_judges_script_runs_and_its_folders_load(tmp_path, capsys):
     from comfusion.models import load_judges
-    from comfusion.toy_judges import main
+    from comfusion.toy.judges import main
 
     out = tmp_path / "judges"
     assert main(["--out", str(out), "--steps", "2", "--pool", "32", "--batch-size", "16", "--eval", "10",

@@ -1,7 +1,8 @@
 """Train the toy judges of the procedural world (issue 8): a CLIP and a DINO-role instance encoder.
 
-    python -m comfusion.toy_judges --out comfusion/presets/toy --minutes 20 --seed 0
-    python -m comfusion.toy_judges --out /tmp/judges --steps 5 --pool 128 --eval 32  # quick run
+    python -m comfusion.toy.judges --out comfusion/presets/toy --minutes 20 --seed 0
+    python -m comfusion.toy.judges --out /tmp/judges --steps 5 --pool 128 --eval 32  # quick run
+    python -m comfusion.toy.judges --out comfusion/presets/toy-heldout --seed 1 --save-dtype fp16 ...  # held out
 
 * CLIP (`transformers.CLIPModel`, tiny towers, the byte tokenizer): contrastive on world
   pictures and captions. Captions may leave out the colour or the scene, so a batch holds
@@ -13,7 +14,10 @@
 
 Both train through `comfusion.judges.Judges`, the same preprocessing the fusion losses and
 the metrics use, on pictures that are sometimes blurred and noised like a small model's
-samples. The script prints held-out retrieval accuracy for each and saves them in the layout
+samples. Another seed gives other initial weights, other training pictures and another data order:
+the committed `toy-heldout` judges (seed 1, saved in fp16 to fit the preset budget) are such a
+pair, which no loss uses, so they score without having been optimised against. The script prints
+held-out retrieval accuracy for each and saves them in the layout
 `comfusion.models.load_judges` reads (dino/ and clip/), plus judges_log.json.
 """
 from __future__ import annotations
@@ -29,12 +33,11 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
 
-from comfusion import world
 from comfusion.judges import Judges
-from comfusion.models import _token_ids, build_byte_tokenizer, save_judges
-from comfusion.toy_pretrain import cosine_lr, parameter_count, seconds_per_step, to_pixels
+from comfusion.models import build_judge_components, save_judges
+from comfusion.toy import world
+from comfusion.toy.pretrain import cosine_lr, parameter_count, seconds_per_step, to_pixels
 
 # Shapes in the form of `comfusion.models.JUDGE_PRESETS` (32x32 inputs, 4x4 patches).
 TOY_JUDGE_PRESET: dict = dict(
@@ -63,18 +66,13 @@ class JudgesConfig:
     p_degrade: float = 0.5  # share of training pictures blurred and noised
     eval_size: int = 400  # held-out pictures (CLIP) and instances (DINO)
     log_every: int = 50
+    save_dtype: str = "fp32"  # "fp16" halves the files; loading upcasts (load_judges' dtype)
 
 
 def build_toy_judges(seed: int = 0, preset: dict = TOY_JUDGE_PRESET) -> Judges:
     """Seeded random toy judges; trainable (the `Judges` wrapper freezes them, this unfreezes)."""
-    tokenizer = build_byte_tokenizer()
-    torch.manual_seed(seed + 10)
-    dino = ViTModel(ViTConfig(**preset["dino"]), add_pooling_layer=False)
-    torch.manual_seed(seed + 11)
-    text_config = {**preset["clip_text"], **_token_ids(tokenizer), "max_position_embeddings": 77}
-    clip = CLIPModel(CLIPConfig(text_config=text_config, vision_config=preset["clip_vision"],
-                                projection_dim=preset["projection_dim"]))
-    return Judges(dino, clip, tokenizer).requires_grad_(True)
+    parts = build_judge_components(preset, seed)
+    return Judges(parts["dino"], parts["clip"], parts["clip_tokenizer"]).requires_grad_(True)
 
 
 def degrade(x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
@@ -258,12 +256,14 @@ def train_judges(cfg: JudgesConfig, out: str | Path, log=print) -> dict:
     clip_acc, dino_acc = clip_retrieval(judges, cfg.eval_size, cfg.seed), dino_retrieval(judges, cfg.eval_size)
     log("CLIP held-out picture -> caption retrieval: " + ", ".join(f"{k} {v:.3f}" for k, v in clip_acc.items()))
     log("instance encoder held-out retrieval: " + ", ".join(f"{k} {v:.3f}" for k, v in dino_acc.items()))
-    save_judges(dict(dino=judges.dino, clip=judges.clip, clip_tokenizer=judges.clip_tokenizer), out)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}[cfg.save_dtype]
+    save_judges(dict(dino=judges.dino.to(dtype), clip=judges.clip.to(dtype), clip_tokenizer=judges.clip_tokenizer), out)
     summary = dict(
         config=asdict(cfg), clip_steps=clip_steps, dino_steps=dino_steps, clip_retrieval=clip_acc,
         dino_retrieval=dino_acc,
-        repeat=(f"python -m comfusion.toy_judges --out OUT --seed {cfg.seed} --pool {cfg.pool} "
-                f"--batch-size {cfg.batch_size} --clip-steps {clip_steps} --dino-steps {dino_steps}"),
+        repeat=(f"python -m comfusion.toy.judges --out OUT --seed {cfg.seed} --pool {cfg.pool} "
+                f"--batch-size {cfg.batch_size} --clip-steps {clip_steps} --dino-steps {dino_steps} "
+                f"--save-dtype {cfg.save_dtype}"),
         seconds=dict(render=t_pool, clip=t2 - t1, dino=t3 - t2, total=time.perf_counter() - t0),
         steps_per_second=dict(clip=clip_steps / max(t2 - t1, 1e-9), dino=dino_steps / max(t3 - t2, 1e-9)),
         parameters=dict(dino=parameter_count(judges.dino), clip=parameter_count(judges.clip)),
@@ -275,7 +275,7 @@ def train_judges(cfg: JudgesConfig, out: str | Path, log=print) -> dict:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m comfusion.toy_judges", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m comfusion.toy.judges", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder to write dino/ and clip/ into")
     p.add_argument("--seed", type=int, default=0)
@@ -288,6 +288,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=JudgesConfig.batch_size)
     p.add_argument("--eval", type=int, default=JudgesConfig.eval_size, help="held-out pictures / instances")
     p.add_argument("--log-every", type=int, default=JudgesConfig.log_every)
+    p.add_argument("--save-dtype", choices=("fp32", "fp16"), default=JudgesConfig.save_dtype,
+                   help="dtype of the saved weights (training is fp32)")
     return p.parse_args(argv)
 
 
@@ -295,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     a = _parse_args(argv)
     pick = lambda own: own if own is not None else a.steps  # noqa: E731
     cfg = JudgesConfig(seed=a.seed, minutes=a.minutes, clip_steps=pick(a.clip_steps), dino_steps=pick(a.dino_steps),
-                       pool=a.pool, batch_size=a.batch_size, eval_size=a.eval, log_every=a.log_every)
+                       pool=a.pool, batch_size=a.batch_size, eval_size=a.eval, log_every=a.log_every,
+                       save_dtype=a.save_dtype)
     train_judges(cfg, a.out, log=lambda msg: print(msg, flush=True))
     return 0
 

@@ -1,7 +1,8 @@
 """Pretrain the `toy` base model on the procedural world (issue 8), on a CPU.
 
-    python -m comfusion.toy_pretrain --out comfusion/presets/toy --minutes 45 --seed 0
-    python -m comfusion.toy_pretrain --out /tmp/toy --steps 20 --vae-steps 20 --pool 256  # quick run
+    python -m comfusion.toy.pretrain --out comfusion/presets/toy --minutes 45 --seed 0
+    python -m comfusion.toy.pretrain --out /tmp/toy --steps 20 --vae-steps 20 --pool 256  # quick run
+    python -m comfusion.toy.pretrain --out comfusion/presets/toy --identifiers-only  # no training
 
 The components have SD 1.5's types (AutoencoderKL, UNet2DConditionModel, CLIPTextModel with
 the project's byte tokenizer, DDIM with SD 1.5's betas), so everything downstream runs
@@ -13,6 +14,11 @@ unchanged; only the shapes are small (TOY_PRESET). Two stages:
 Both train on one pool of pictures rendered at the start (`--pool`). Afterwards it samples
 "a [colour] [class noun] [scene]" for every scene, prints how often the exact judge
 `world.scene_of` finds the asked scene, and writes the pictures to preview.png.
+
+The tokenizer reserves the identifier tokens (`comfusion.prompts.IDENTIFIER_TOKENS`); no caption
+uses them, so their embedding rows keep the values `models.add_identifier_tokens` draws (up to
+weight decay). `--identifiers-only` adds them to an already trained folder (the committed preset
+was pretrained before they existed): tokenizer and text-encoder rows, nothing else changes.
 
 Reproducible: the same seed and step counts give the same weights (on the same torch build
 and thread count). `--minutes` times a few probe steps first and turns the budget into
@@ -34,14 +40,21 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel
 
-from comfusion import world
 from comfusion.losses import add_noise
-from comfusion.models import _sd15_scheduler_config, _token_ids, build_byte_tokenizer, save_base
+from comfusion.models import (
+    BasePreset,
+    add_identifier_tokens,
+    build_base_components,
+    build_byte_tokenizer,
+    save_base,
+    sd15_scheduler_config,
+)
+from comfusion.prompts import IDENTIFIER_TOKENS
 from comfusion.sampling import image_grid, sample
+from comfusion.toy import world
 
 # Shapes of the `toy` base model, in the form of `comfusion.models.BasePreset(**TOY_PRESET)`.
 # 3.79M parameters (UNet 3.38M, VAE 0.22M, text encoder 0.19M): 15.2 MB as fp32 safetensors,
@@ -92,16 +105,10 @@ class PretrainConfig:
 
 
 def build_toy_components(seed: int = 0, preset: dict = TOY_PRESET) -> dict:
-    """Seeded random toy components (same seed, same weights), like `models.build_base_components`."""
-    tokenizer = build_byte_tokenizer()
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**preset["text"], **_token_ids(tokenizer)))
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(**preset["vae"])
-    torch.manual_seed(seed + 2)
-    unet = UNet2DConditionModel(**preset["unet"])
-    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                scheduler=DDIMScheduler(**_sd15_scheduler_config()))
+    """Seeded random toy components (same seed, same weights), as `models.build_base_components`
+    builds any preset: the tokenizer reserves the identifier tokens, whose embedding rows no
+    caption trains (see `models.add_identifier_tokens` for how they start)."""
+    return build_base_components(BasePreset(**preset), seed)
 
 
 def parameter_count(module: torch.nn.Module) -> int:
@@ -224,7 +231,7 @@ def train_unet(parts: dict, latents: torch.Tensor, captions: list[str], cfg: Pre
     ema = {k: copy.deepcopy(m).eval().requires_grad_(False) for k, m in trained.items()}
     params = [p for m in trained.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
-    alphas_cumprod = DDIMScheduler(**_sd15_scheduler_config()).alphas_cumprod  # (1000,)
+    alphas_cumprod = DDIMScheduler(**sd15_scheduler_config()).alphas_cumprod  # (1000,)
     g = torch.Generator().manual_seed(cfg.seed + 31)
     losses = []
     for step in range(steps):
@@ -335,7 +342,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log=print) -> dict:
             f"(chance {samples['chance']:.0%}); grid in {Path(out) / 'preview.png'}")
     summary = dict(
         config=asdict(cfg), vae_steps=vae_steps, unet_steps=unet_steps,
-        repeat=(f"python -m comfusion.toy_pretrain --out OUT --seed {cfg.seed} --pool {cfg.pool} "
+        repeat=(f"python -m comfusion.toy.pretrain --out OUT --seed {cfg.seed} --pool {cfg.pool} "
                 f"--batch-size {cfg.batch_size} --vae-steps {vae_steps} --steps {unet_steps}"),
         seconds=dict(render=t_pool, vae=t_vae, unet=t_unet, total=time.perf_counter() - t0),
         steps_per_second=dict(vae=vae_steps / max(t_vae, 1e-9), unet=unet_steps / max(t_unet, 1e-9)),
@@ -347,8 +354,30 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log=print) -> dict:
     return summary
 
 
+def reserve_identifiers(folder: str | Path, seed: int = 0, log=print) -> list[int]:
+    """Add the identifier tokens to the trained base model in `folder` (tokenizer and text
+    encoder rows, drawn as `models.add_identifier_tokens` says) and save both in place.
+
+    The tokenizer is rebuilt (the byte tokenizer the folder was trained with, checked to be the
+    same) rather than loaded, so its saved config holds no loading options."""
+    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: PLC0415
+
+    folder = Path(folder)
+    tokenizer = build_byte_tokenizer(identifiers=())
+    trained = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    if {k: v for k, v in trained.get_vocab().items() if v < len(tokenizer)} != tokenizer.get_vocab():
+        raise ValueError(f"{folder / 'tokenizer'} is not the project's byte tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    ids = add_identifier_tokens(tokenizer, text_encoder, seed=seed)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    text_encoder.save_pretrained(folder / "text_encoder")
+    reserved = dict(zip(IDENTIFIER_TOKENS, tokenizer.convert_tokens_to_ids(list(IDENTIFIER_TOKENS))))
+    log(f"reserved identifier tokens {reserved} in {folder} ({len(ids)} new rows)")
+    return ids
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m comfusion.toy_pretrain", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m comfusion.toy.pretrain", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder to write unet/ vae/ text_encoder/ tokenizer/ scheduler/ into")
     p.add_argument("--seed", type=int, default=0)
@@ -362,11 +391,16 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="pictures sampled per scene after training and judged (0: none)")
     p.add_argument("--sample-steps", type=int, default=PretrainConfig.sample_steps)
     p.add_argument("--guidance-scale", type=float, default=PretrainConfig.guidance_scale)
+    p.add_argument("--identifiers-only", action="store_true",
+                   help="no training: add the identifier tokens to the trained model in --out")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     a = _parse_args(argv)
+    if a.identifiers_only:
+        reserve_identifiers(a.out, a.seed, log=lambda msg: print(msg, flush=True))
+        return 0
     cfg = PretrainConfig(seed=a.seed, minutes=a.minutes, steps=a.steps, vae_steps=a.vae_steps, pool=a.pool,
                          batch_size=a.batch_size, log_every=a.log_every, eval_per_scene=a.eval_per_scene,
                          sample_steps=a.sample_steps, guidance_scale=a.guidance_scale)
