@@ -211,10 +211,17 @@ def cache_root() -> Path:
     return Path(os.environ.get("COMFUSION_CACHE", Path.home() / ".cache" / "comfusion"))
 
 
+# Weight files are cut into shards of at most this size: a committed preset travels in every
+# `ray job submit --working-dir .` upload, and Ray warns about each file over 10 MiB.
+SHARD_SIZE = "8MB"
+
+
 def save_base(components: dict, folder: str | Path) -> Path:
     """Write base components in the diffusers folder layout (unet/, vae/, text_encoder/, ...)."""
     folder = Path(folder)
-    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+    for part in ("unet", "vae", "text_encoder"):
+        components[part].save_pretrained(folder / part, max_shard_size=SHARD_SIZE)
+    for part in ("tokenizer", "scheduler"):
         components[part].save_pretrained(folder / part)
     return folder
 
