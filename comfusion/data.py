@@ -62,6 +62,9 @@ class SubjectError(ValueError):
         lines = "".join(f"\n  - {p}" for p in self.problems)
         super().__init__(f"subject {_show(subject)} is invalid ({len(self.problems)} problem(s)):{lines}")
 
+    def __reduce__(self):  # crosses process boundaries (Ray, process pools) intact
+        return type(self), (self.subject, self.problems)
+
 
 # ---------------------------------------------------------------------------------------
 # one photo

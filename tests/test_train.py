@@ -403,7 +403,8 @@ def test_setup_errors(subject, priors, class_priors, monkeypatch):
 
 def _write_config(tmp_path: Path, images) -> Path:
     values = to_dict(make_cfg(**{"train.steps": 2, "priors.count": 2, "train.checkpoint_dtype": "fp32"}))
-    values["data"].update(min_side=32, scenes=list(SCENES),
+    # the photos live in a folder of their own, beside the config's: absolute paths are allowed explicitly
+    values["data"].update(min_side=32, scenes=list(SCENES), allow_absolute_paths=True,
                           subjects=[{"id": "tiny-dog", "class_noun": "dog", "images": list(images)}])
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(values))
