@@ -26,7 +26,9 @@ if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ]; then
     || { cat "$RUN/ray-token.log"; echo "ray: could not create an auth token (ray get-auth-token --generate)"; exit 1; }
 fi
 
-if "$RAY" status --address "127.0.0.1:$RAY_PORT" >/dev/null 2>&1; then
+# Is a head already up? Its dashboard answers this at once (`ray status --address` would keep
+# retrying for a minute when nothing listens).
+if curl -sf -m 5 "http://127.0.0.1:$DASHBOARD_PORT/api/gcs_healthz" >/dev/null 2>&1; then
   echo "ray: a local head is already running on port $RAY_PORT"
 else
   "$RAY" start --head --port "$RAY_PORT" --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" \
