@@ -20,6 +20,13 @@ from tokenizers import AddedToken
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from comfusion.judges import Judges
+
+if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").lower() in ("1", "true", "yes", "on"):
+    # transformers and huggingface_hub read this switch; diffusers' own bars (one per sharded
+    # weight file load) do not, so the same setting is applied to them here
+    from diffusers.utils import logging as _diffusers_logging
+
+    _diffusers_logging.disable_progress_bar()
 from comfusion.prompts import IDENTIFIER_TOKENS
 
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"

@@ -134,11 +134,11 @@ def train_all(cfg, runs: list, storage: Path, use_gpu: bool) -> list[dict]:
 
     from jobs.train_worker import tune_trial  # noqa: PLC0415
 
-    from jobs.resources import trainer_slots  # noqa: PLC0415
+    from jobs.resources import TRIAL_CPUS, trainer_slots  # noqa: PLC0415
 
     slots = trainer_slots(cfg, use_gpu, len(runs))
     print(f"training {len(runs)} runs, {slots} at once (the rest queue)", flush=True)
-    trial = tune.with_resources(tune.with_parameters(tune_trial, runs=runs), {"CPU": 0.01})
+    trial = tune.with_resources(tune.with_parameters(tune_trial, runs=runs), {"CPU": TRIAL_CPUS})
     tuner = tune.Tuner(trial, param_space={"index": tune.grid_search(list(range(len(runs))))},
                        tune_config=tune.TuneConfig(max_concurrent_trials=slots),
                        run_config=tune.RunConfig(name=f"{cfg.job.name}-{time.strftime('%Y%m%d-%H%M%S')}",
