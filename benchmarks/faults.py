@@ -91,9 +91,12 @@ def start_app(server: LocalMlflowServer, root: Path, args) -> str:
     from ray import serve
 
     from serve.app import make_app
+    from serve.auth import local_key
     from serve.settings import ServeSettings
 
+    keys_file, args.headers = local_key(root)
     settings = ServeSettings(base="tiny", tracking_uri=server.uri, cache_dir=str(root / "cache"), device="cpu",
+                             api_keys_file=keys_file,
                              max_models_per_replica=args.k, default_steps=args.steps, registry_ttl_s=2.0,
                              request_timeout_s=60.0, registry_timeout_s=1, registry_retries=1,
                              fault_slow_subject=SLOW, fault_swap_delay_s=args.swap_delay_s)
@@ -292,7 +295,7 @@ def print_table(rows: list[Row]) -> None:
 
 async def run_phases(url: str, server: LocalMlflowServer, root: Path, subjects: list[str], args) -> list[Row]:
     mix = request_mix(subjects, args.seeds)
-    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=120, headers=args.headers) as client:
         refs = await references(client, mix)
         ctx = Context(client, server, root, subjects, args)
         rows = [await phase(ctx, "baseline", None, mix, refs, 1),

@@ -102,7 +102,7 @@ async def send_load(url: str, subjects: list[str], args) -> tuple[list[float], l
             latencies.append(time.perf_counter() - t0)
             codes.append(r.status_code)
 
-    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=300, headers=args.headers) as client:
         t0 = time.perf_counter()
         await asyncio.gather(*[one(client, i, s) for i, s in enumerate(order)])
         return latencies, codes, time.perf_counter() - t0
@@ -114,9 +114,12 @@ def run_load(root: Path, folders: list[Path], args, device: str) -> None:
     from ray import serve
 
     from serve.app import make_app
+    from serve.auth import local_key
     from serve.settings import ServeSettings
 
+    keys_file, args.headers = local_key(root)
     settings = ServeSettings(base=args.preset, tracking_uri=register_all(root, folders), cache_dir=str(root / "cache"),
+                             api_keys_file=keys_file,
                              max_models_per_replica=args.k, default_steps=args.steps, device=device)
     actor = {"num_gpus": 1, "num_cpus": 1} if device == "cuda" else {"num_cpus": 0.5}
     repo = str(Path(__file__).resolve().parents[1])  # replicas import serve.app from here
@@ -131,9 +134,10 @@ def run_load(root: Path, folders: list[Path], args, device: str) -> None:
                            ingress_options=dict(num_replicas=1, ray_actor_options={"num_cpus": 0.25})),
                   name="load", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        httpx.post(f"{url}/v1/generate", json={"subject": folders[0].name, "scene": "x", "steps": 1}, timeout=300)
+        httpx.post(f"{url}/v1/generate", json={"subject": folders[0].name, "scene": "x", "steps": 1}, timeout=300,
+                   headers=args.headers)
         latencies, codes, wall = asyncio.run(send_load(url, [f.name for f in folders], args))
-        stats = httpx.get(f"{url}/v1/stats", timeout=60).json()
+        stats = httpx.get(f"{url}/v1/stats", timeout=60, headers=args.headers).json()
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -40,6 +40,11 @@ _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
+def cache_root() -> Path:
+    """The project's cache folder: `$COMFUSION_CACHE`, else `~/.cache/comfusion`."""
+    return Path(os.environ.get("COMFUSION_CACHE", Path.home() / ".cache" / "comfusion"))
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

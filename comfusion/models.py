@@ -19,6 +19,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, C
 from tokenizers import AddedToken
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from comfusion.fsutil import cache_root  # noqa: F401 - re-exported: models.cache_root()
 from comfusion.judges import Judges
 
 if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").lower() in ("1", "true", "yes", "on"):
@@ -212,10 +213,6 @@ def build_judge_components(preset: str | dict, seed: int = 0) -> dict:
 
 # ---------------------------------------------------------------------------------------
 # saving presets to folders
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("COMFUSION_CACHE", Path.home() / ".cache" / "comfusion"))
 
 
 # Weight files are cut into shards of at most this size: a committed preset travels in every

@@ -32,6 +32,7 @@ STORAGE = REPO / "storage"
 BIN = Path(sys.executable).parent
 MLFLOW_URI = "http://127.0.0.1:5000"
 APP_URL = "http://127.0.0.1:8000"
+KEYS_FILE = STORAGE / "api_keys.json"  # the app's key file (hashed keys); `python -m serve.auth --help`
 
 
 def sh(*cmd: str, env: dict | None = None) -> None:
@@ -71,7 +72,8 @@ def deploy_app(job_cfg) -> None:
     app = cfg["applications"][0]
     # the subjects' base model, not serve.yaml's default: their weights only fit the model they came from
     app["args"].update(base=job_cfg.model.base, preset_seed=job_cfg.model.preset_seed, tracking_uri=MLFLOW_URI,
-                       cache_dir=str(STORAGE / "serve-cache"), default_steps=job_cfg.sampler.steps)
+                       cache_dir=str(STORAGE / "serve-cache"), default_steps=job_cfg.sampler.steps,
+                       api_keys_file=str(KEYS_FILE))
     app["runtime_env"] = {"env_vars": job_env_vars()}
     path = STORAGE / "run" / "serve-demo.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -88,18 +90,25 @@ def deploy_app(job_cfg) -> None:
             time.sleep(5)
 
 
-def http(method: str, url: str, body: dict | None = None, timeout: float = 120) -> dict:
+def demo_key() -> str:
+    """A fresh admin key named `demo` (the previous demo key stops working): printed for the user."""
+    from serve.auth import create_key  # noqa: PLC0415
+
+    return create_key(KEYS_FILE, "demo", admin=True, rate_per_s=5.0, burst=50, replace=True)
+
+
+def http(method: str, url: str, key: str, body: dict | None = None, timeout: float = 120) -> dict:
     req = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body else None,
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
 
 
-def wait_for_subjects(ids: list[str], timeout: float = 300) -> None:
+def wait_for_subjects(ids: list[str], key: str, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            listed = {s["id"] for s in http("GET", f"{APP_URL}/v1/subjects", timeout=10)["subjects"]}
+            listed = {s["id"] for s in http("GET", f"{APP_URL}/v1/subjects", key, timeout=10)["subjects"]}
             if set(ids) <= listed:
                 return
         except (urllib.error.URLError, OSError, KeyError, json.JSONDecodeError):
@@ -108,14 +117,14 @@ def wait_for_subjects(ids: list[str], timeout: float = 300) -> None:
     raise TimeoutError(f"the Serve app did not list {ids} within {timeout:.0f} s (see `serve status`)")
 
 
-def ask_for_images(ids: list[str], scenes: list[str], job_cfg, out: Path) -> dict[str, list[np.ndarray]]:
+def ask_for_images(ids: list[str], scenes: list[str], job_cfg, out: Path, key: str) -> dict[str, list[np.ndarray]]:
     """One picture per (subject, scene) from the app; the first scene's is saved as <out>/<id>.png."""
     out.mkdir(parents=True, exist_ok=True)
     pictures: dict[str, list[np.ndarray]] = {}
     for sid in ids:
         pictures[sid] = []
         for scene in scenes:
-            res = http("POST", f"{APP_URL}/v1/generate",
+            res = http("POST", f"{APP_URL}/v1/generate", key,
                        {"subject": sid, "scene": scene, "seed": 0, "steps": job_cfg.sampler.steps,
                         "guidance_scale": job_cfg.sampler.guidance_scale})
             png = base64.b64decode(res["images"][0])
@@ -161,18 +170,24 @@ def main(argv: list[str] | None = None) -> int:
     ids = [s.id for s in cfg.data.subjects]
     sh("bash", "cluster/start_local.sh", str(STORAGE), env=cluster_env())
     submit_training(args.config, photos)
+    key = demo_key()
     deploy_app(cfg)
-    wait_for_subjects(ids)
+    wait_for_subjects(ids, key)
     scenes = list(cfg.data.scenes[:3])
     scene = scenes[0]
-    pictures = ask_for_images(ids, scenes, cfg, Path(args.out))
+    pictures = ask_for_images(ids, scenes, cfg, Path(args.out), key)
     side_by_side({s.id: Path(s.images[0]) for s in cfg.data.subjects}, pictures, scenes, Path(args.out) / "demo.png")
     print(f"""
 Ray dashboard:  http://127.0.0.1:8265
 MLflow UI:      {MLFLOW_URI}   (experiment 'demo': losses, sample images, registered subjects)
-Serve app:      {APP_URL}/docs
+Serve app:      {APP_URL}/docs   ("Authorize" with the key below)
+API key:        {key}
+                (admin key `demo`, stored hashed in {KEYS_FILE}; a new one each `make demo`;
+                 more keys: python -m serve.auth create NAME --file {KEYS_FILE})
 Try it:
-  curl -s -X POST {APP_URL}/v1/generate -H 'Content-Type: application/json' -H 'Accept: image/png' \\
+  export COMFUSION_KEY={key}
+  curl -s -X POST {APP_URL}/v1/generate -H "Authorization: Bearer $COMFUSION_KEY" \\
+       -H 'Content-Type: application/json' -H 'Accept: image/png' \\
        -d '{{"subject": "{ids[0]}", "scene": "{scene}", "seed": 1}}' -o {ids[0]}.png
 Stop everything: make stop
 (demo finished in {(time.monotonic() - t0) / 60:.1f} min)""")

@@ -25,7 +25,7 @@ import time
 
 import psutil
 import torch
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
@@ -41,6 +41,7 @@ from comfusion.checkpoint import CheckpointError, SubjectMeta, load_subject_weig
 from comfusion.models import BASE_PRESETS, SAVED_PRESETS, build_byte_tokenizer, load_base, resolve_base
 from comfusion.prompts import instance_scene_text
 from comfusion.sampling import SamplingCancelled, default_dtype, png_bytes, sample
+from serve.auth import Caller, KeyStore, require_key
 from serve.docs import add_offline_docs
 from serve.guards import BodySizeLimit, RequestStopped, ServeError, StopFlag, base_mismatch
 from serve.registry import (RegistryUnavailable, SubjectRecord, SubjectRegistry, UnknownSubjectError,
@@ -53,6 +54,13 @@ api = FastAPI(title="ComFusion", version=__version__, docs_url=None, redoc_url=N
               description="Render trained ComFusion subjects: `a [identifier] [class noun] [scene]`.")
 add_offline_docs(api)  # /docs from the app's own files: works without internet access
 api.add_middleware(BodySizeLimit, default=ServeSettings().max_body_bytes)  # the Ingress sets its own
+AUTH = [Security(require_key)]  # every route but /healthz and the docs: `Authorization: Bearer <key>`
+
+
+async def require_admin(caller: Caller = Security(require_key)) -> Caller:
+    if not caller.admin:
+        raise HTTPException(status_code=403, detail=f"key {caller.key_id!r} is not an admin key")
+    return caller
 
 
 # ---------------------------------------------------------------------------------------
@@ -354,12 +362,17 @@ class Ingress:
         self.registry.refresh_soon()  # list the registry while the replica starts
         self.tokenizer = load_tokenizer(settings.base, settings.preset_seed)
         api.state.max_body_bytes = settings.max_body_bytes  # read by BodySizeLimit
+        api.state.keys = KeyStore(settings.api_keys_file)  # read by require_key; reloaded when the file changes
+        if api.state.keys.count == 0:
+            log.warning("no API keys in %s (%s): every request but /healthz is refused until one is created "
+                        "with `python -m serve.auth create NAME --file %s`", settings.api_keys_file,
+                        api.state.keys.error or "no such file or no keys", settings.api_keys_file)
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
-    @api.get("/v1/subjects", response_model=SubjectList)
+    @api.get("/v1/subjects", response_model=SubjectList, dependencies=AUTH)
     async def subjects(self):
         """Every subject with a `serving` version: id, identifier, class noun, method, metrics."""
         try:
@@ -368,9 +381,9 @@ class Ingress:
             return self._registry_down(e)
         return SubjectList(subjects=[SubjectInfo(**r.public()) for r in records])
 
-    @api.get("/v1/stats")
+    @api.get("/v1/stats", dependencies=[Depends(require_admin)])
     async def stats(self):
-        """The state of one Generator replica (loaded subjects, swaps, pipeline builds, RSS)."""
+        """The state of one Generator replica (loaded subjects, swaps, pipeline builds, RSS); admin keys only."""
         try:
             return await self.generator.stats.remote()
         except BackPressureError:
@@ -396,7 +409,9 @@ class Ingress:
         return unprocessable(field, f"the prompt is {n} tokens long (start and end tokens included); "
                                     f"the model takes at most {limit}")
 
-    @api.post("/v1/generate", response_model=GenerateResponse, responses={
+    @api.post("/v1/generate", response_model=GenerateResponse, dependencies=AUTH, responses={
+        401: {"description": "no API key, or not a valid one"},
+        429: {"description": "the key is over its request rate; see Retry-After"},
         200: {"content": {"image/png": {}}, "description": "JSON, or the PNG itself for `Accept: image/png`"},
         404: {"description": "unknown subject"}, 409: {"description": "the subject's base is not the app's"},
         413: {"description": "body too large"}, 422: {"description": "invalid request"},

@@ -9,7 +9,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from comfusion.models import cache_root
+from comfusion.fsutil import cache_root
+from serve.auth import default_keys_file
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -53,6 +54,7 @@ class ServeSettings:
     lookup_wait_s: float = 1.5  # the longest a request waits on MLflow (only for subjects not seen before)
     max_lookups: int = 1024  # unknown ids remembered (a bounded negative cache)
     cache_max_mb: float = 20000.0  # disk cache bound; least recently used subject versions go first
+    api_keys_file: str = field(default_factory=default_keys_file)  # hashed API keys (python -m serve.auth create)
     fault_slow_subject: str = ""  # fault injection (tests, benchmarks/faults.py): swapping this subject in
     fault_swap_delay_s: float = 0.0  # sleeps this long first, like a large model's copy (widens the cancel window)
 
@@ -61,6 +63,7 @@ class ServeSettings:
             (bool(self.base.strip()), "base", "must name a preset, folder or hub id"),
             (bool(self.tracking_uri.strip()), "tracking_uri", "must be a tracking URI"),
             (bool(self.cache_dir.strip()), "cache_dir", "must be a folder"),
+            (bool(self.api_keys_file.strip()), "api_keys_file", "must name the API key file"),
             (self.max_models_per_replica >= 1, "max_models_per_replica", "must be >= 1"),
             (1 <= self.default_steps <= 100, "default_steps", "must be in 1..100"),
             (self.device in ("auto", "cuda", "cpu"), "device", "must be 'auto', 'cuda' or 'cpu'"),

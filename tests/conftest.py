@@ -30,6 +30,17 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
+def api_key(tmp_path_factory):
+    """A key file with one admin key (rate high enough for load tests): `.file`, `.key`, `.headers`."""
+    from types import SimpleNamespace
+
+    from serve.auth import local_key
+
+    path, headers = local_key(tmp_path_factory.mktemp("keys"), "tests")
+    return SimpleNamespace(file=path, headers=headers)
+
+
+@pytest.fixture(scope="session")
 def tiny_base():
     from comfusion.models import load_base
 

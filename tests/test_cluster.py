@@ -275,3 +275,18 @@ def test_mlflow_script_really_serves_only_with_an_account(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)  # the server we started, and its workers
             proc.wait(60)
+
+
+def test_served_apps_read_api_keys_from_a_mounted_secret():
+    services = [(n, d) for n, d in _kube_docs() if d["kind"] == "RayService"]
+    assert services
+    for name, doc in services:
+        (app,) = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]
+        keys = Path(app["args"]["api_keys_file"])
+        for group in _groups(doc["spec"]["rayClusterConfig"]):
+            pod = group["template"]["spec"]
+            volumes = {v["name"]: v for v in pod["volumes"]}
+            for c in pod["containers"]:
+                mount = next(m for m in c["volumeMounts"] if keys.is_relative_to(m["mountPath"]))
+                assert mount.get("readOnly") is True, (name, c["name"])
+                assert volumes[mount["name"]]["secret"]["secretName"] == "comfusion-api-keys", name

@@ -77,11 +77,12 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def settings(world):
+def settings(world, api_key):
     from serve.settings import ServeSettings
 
     subjects, root = world
     return ServeSettings(base="tiny", tracking_uri=subjects.server.uri, cache_dir=str(root / "cache"),
+                         api_keys_file=api_key.file,
                          max_models_per_replica=K, default_steps=2, device="cpu", registry_ttl_s=TTL_S,
                          request_timeout_s=TIMEOUT_S, max_body_bytes=4096, registry_timeout_s=5, registry_retries=0,
                          lookup_wait_s=1.5, cache_max_mb=10.0, fault_slow_subject="slow-swap",
@@ -125,8 +126,8 @@ def url(serve_port, settings):
 
 
 @pytest.fixture(scope="module")
-def http(url):
-    with httpx.Client(base_url=url, timeout=120) as client:
+def http(url, api_key):
+    with httpx.Client(base_url=url, timeout=120, headers=api_key.headers) as client:
         yield client
 
 
@@ -153,9 +154,9 @@ def wait_idle(http, timeout_s: float = 30) -> float:
     return time.monotonic() - t0
 
 
-async def hang_up(url: str, payload: dict, after_s: float) -> None:
+async def hang_up(url: str, payload: dict, after_s: float, headers: dict) -> None:
     """Send a request and drop the connection after `after_s` seconds."""
-    async with httpx.AsyncClient(base_url=url) as client:
+    async with httpx.AsyncClient(base_url=url, headers=headers) as client:
         with pytest.raises(httpx.TimeoutException):
             await client.post("/v1/generate", json=payload, timeout=after_s)
 
@@ -175,7 +176,7 @@ def test_hang_up_during_a_slow_swap_never_mixes_weights(url, http, reference):
     before = stats(http)
 
     async def scenario():
-        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        async with httpx.AsyncClient(base_url=url, timeout=120, headers=http.headers) as client:
             hung = asyncio.create_task(client.post("/v1/generate", json=body("slow-swap", steps=30)))
             while not (await client.get("/v1/stats")).json()["busy"]:  # slow-swap's copy has started
                 await asyncio.sleep(0.02)
@@ -198,7 +199,7 @@ def test_hang_up_stops_compute_within_one_step(url, http):
     images(http, "alpha")
     before = stats(http)
     heavy = body("alpha", steps=100, num_images=4, height=128, width=128)
-    asyncio.run(hang_up(url, heavy, after_s=1.0))
+    asyncio.run(hang_up(url, heavy, after_s=1.0, headers=http.headers))
     idle_after = wait_idle(http)
     after = stats(http)
     assert after["stopped"] - before["stopped"] == 1

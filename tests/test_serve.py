@@ -84,10 +84,11 @@ def registry(tmp_path_factory) -> Registry:
 
 
 @pytest.fixture(scope="module")
-def settings(registry):
+def settings(registry, api_key):
     from serve.settings import ServeSettings
 
     return ServeSettings(base="tiny", tracking_uri=registry.uri, cache_dir=str(registry.root / "cache"),
+                         api_keys_file=api_key.file,
                          max_models_per_replica=K, default_steps=2, device="cpu", registry_ttl_s=1.0,
                          lookup_wait_s=10.0)  # the box is shared: a first sqlite lookup can take seconds
 
@@ -128,8 +129,8 @@ def url(cluster, settings):
 
 
 @pytest.fixture(scope="module")
-def http(url):
-    with httpx.Client(base_url=url, timeout=120) as client:
+def http(url, api_key):
+    with httpx.Client(base_url=url, timeout=120, headers=api_key.headers) as client:
         yield client
 
 
@@ -204,6 +205,40 @@ def test_health_docs_and_subjects(http):
     for sid, (identifier, noun) in SUBJECTS.items():
         assert (listed[sid]["identifier"], listed[sid]["class_noun"]) == (identifier, noun)
     assert listed["alpha"]["metrics"]["eval/clip_t"] == 0.25
+
+
+def test_every_route_but_health_and_docs_needs_a_key(url, http, api_key):
+    from serve.auth import create_key, revoke_key
+
+    anonymous = httpx.Client(base_url=url, timeout=60)
+    assert anonymous.get("/healthz").status_code == 200 and anonymous.get("/docs").status_code == 200
+    for method, path in [("GET", "/v1/subjects"), ("GET", "/v1/stats"), ("POST", "/v1/generate")]:
+        r = anonymous.request(method, path, json={"subject": "alpha", "scene": "x"})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (path, r.text)
+        r = anonymous.request(method, path, headers={"Authorization": "Bearer cfk_not-a-key"})
+        assert r.status_code == 401 and r.json()["detail"] == "invalid API key"
+    schema = http.get("/openapi.json").json()
+    assert schema["components"]["securitySchemes"]["API key"] == {
+        "type": "http", "scheme": "bearer", "description": schema["components"]["securitySchemes"]["API key"]["description"]}
+    assert schema["paths"]["/v1/generate"]["post"]["security"] == [{"API key": []}]
+    assert "security" not in schema["paths"]["/healthz"]["get"]
+
+    slow = create_key(api_key.file, "slow-user", rate_per_s=0.2, burst=2, replace=True)  # not an admin
+    user = {"Authorization": f"Bearer {slow}"}
+    deadline = time.monotonic() + 10  # the Ingress re-reads the key file within a second
+    while anonymous.get("/v1/subjects", headers=user).status_code == 401:
+        assert time.monotonic() < deadline, "a new key was not taken up"
+        time.sleep(0.3)
+    codes = [anonymous.get("/v1/subjects", headers=user) for _ in range(3)]
+    assert codes[-1].status_code == 429 and int(codes[-1].headers["retry-after"]) >= 1, [c.status_code for c in codes]
+    time.sleep(5.5)  # one token back at 0.2/s
+    assert anonymous.get("/v1/stats", headers=user).status_code == 403  # stats: admin keys only
+    assert revoke_key(api_key.file, "slow-user")
+    deadline = time.monotonic() + 10
+    while anonymous.get("/v1/subjects", headers=user).status_code != 401:
+        assert time.monotonic() < deadline, "a revoked key kept working"
+        time.sleep(0.3)
+    anonymous.close()
 
 
 def test_two_subjects_generate_distinct_valid_pngs(http):
@@ -286,12 +321,12 @@ def test_eviction_keeps_k_subjects_and_one_pipeline(http):
     assert stats["swaps"] >= 2 * len(SUBJECTS) and stats["rss_bytes"] > 0
 
 
-def test_concurrent_requests_match_sequential(url, http):
+def test_concurrent_requests_match_sequential(url, http, api_key):
     reqs = [(sid, 20 + i) for i, sid in enumerate(["alpha", "bravo"] * 3)]
     sequential = [generate(http, sid, seed=seed).json()["images"] for sid, seed in reqs]
 
     async def burst():
-        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        async with httpx.AsyncClient(base_url=url, timeout=120, headers=api_key.headers) as client:
             rs = await asyncio.gather(*[client.post("/v1/generate", json={"subject": sid, "scene": "in the snow",
                                                                            "seed": seed}) for sid, seed in reqs])
         return [r.json()["images"] for r in rs]
@@ -332,7 +367,7 @@ def test_corrupt_checkpoint_is_a_500_with_a_message(http, registry, settings):
     assert generate(http, "alpha").status_code == 200  # the replica still serves
 
 
-def test_overload_gives_503_with_retry_after(cluster, settings):
+def test_overload_gives_503_with_retry_after(cluster, settings, api_key):
     """A second app whose Generator takes one request and queues one: a burst overflows."""
     from ray import serve
     from serve.app import make_app
@@ -344,7 +379,7 @@ def test_overload_gives_503_with_retry_after(cluster, settings):
     body = {"subject": "alpha", "scene": "in the rain", "seed": 1, "steps": 40, "height": 64, "width": 64}
 
     async def burst():
-        async with httpx.AsyncClient(base_url=f"{cluster}/overload", timeout=120) as client:
+        async with httpx.AsyncClient(base_url=f"{cluster}/overload", timeout=120, headers=api_key.headers) as client:
             await client.post("/v1/generate", json={**body, "steps": 1})  # load the subject first
             return await asyncio.gather(*[client.post("/v1/generate", json=body) for _ in range(10)])
 
