@@ -10,7 +10,9 @@ as is; when no class misses anything, no Ray Data work runs at all.
 """
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections import defaultdict
 from typing import Callable
 
@@ -52,8 +54,28 @@ class PriorSampler:
                 "png": np.array(pngs, dtype=object), "latent": np.concatenate(latents)}
 
 
+class _Progress:
+    """A line at most every `every_s` while priors are made: images done, rate, time left."""
+
+    def __init__(self, total: int, every_s: float, say: Callable[[str], None] | None):
+        self.total, self.every_s, self.say = total, every_s, say
+        self.done, self.t0 = 0, time.monotonic()
+        self.last = self.t0
+
+    def add(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.say is None or (now - self.last < self.every_s and self.done < self.total):
+            return
+        self.last = now
+        rate = self.done / max(now - self.t0, 1e-9)
+        left = (self.total - self.done) / rate if rate > 0 else float("nan")
+        self.say(f"priors: {self.done}/{self.total} images, {rate:.2f}/s, ~{left:.0f} s left")
+
+
 def _run_pipeline(cfg: JobConfig, work: dict[str, tuple[PriorPlan, PriorCache, list[int]]],
-                  cpus_per_actor: float | None, shard_rows: int) -> dict[str, int]:
+                  cpus_per_actor: float | None, shard_rows: int,
+                  progress: Callable[[str], None] | None = None) -> dict[str, int]:
     """Generate every missing prior in one Ray Data pipeline; returns images committed per key."""
     bs = cfg.sampler.batch_size
     items = [{"key": key, "indices": batch} for key, (_, _, missing) in work.items()
@@ -69,11 +91,15 @@ def _run_pipeline(cfg: JobConfig, work: dict[str, tuple[PriorPlan, PriorCache, l
         batch_size=1, batch_format="numpy",  # one row = one sampler batch of bs prompts
         fn_constructor_kwargs=dict(model=cfg.model, plans=plans, batch_size=bs, device=pool.device,
                                    threads=pool.threads))
+    # the job prints its own progress line (below); Ray Data's operator log every few seconds is noise
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    total = sum(len(missing) for _, _, missing in work.values())
     return _commit_stream(ds, {key: cache for key, (_, cache, _) in work.items()},
-                          max(shard_rows, bs))
+                          max(shard_rows, bs), _Progress(total, cfg.job.progress_every_s, progress))
 
 
-def _commit_stream(ds: "ray.data.Dataset", caches: dict[str, PriorCache], shard_rows: int) -> dict[str, int]:
+def _commit_stream(ds: "ray.data.Dataset", caches: dict[str, PriorCache], shard_rows: int,
+                   tally: _Progress | None = None) -> dict[str, int]:
     """Consume the pipeline on the driver, committing a shard per class every `shard_rows` rows."""
     buffers: dict[str, list] = defaultdict(list)  # key -> [(index, png, latent (4, h, w))]
     committed: dict[str, int] = defaultdict(int)
@@ -90,6 +116,8 @@ def _commit_stream(ds: "ray.data.Dataset", caches: dict[str, PriorCache], shard_
                 buffers[str(key)].append((int(index), bytes(png), z))
                 if len(buffers[str(key)]) >= shard_rows:
                     flush(str(key))
+            if tally is not None:
+                tally.add(len(batch["key"]))
     finally:  # rows already made are kept even if the pipeline fails part way
         for key in list(buffers):
             flush(key)
@@ -107,7 +135,7 @@ def _generate_missing(cfg: JobConfig, work: dict, cpus_per_actor: float | None, 
         if not todo:
             break
         try:
-            for key, n in _run_pipeline(cfg, todo, cpus_per_actor, shard_rows).items():
+            for key, n in _run_pipeline(cfg, todo, cpus_per_actor, shard_rows, progress).items():
                 made[key] += n
             break
         except ray.exceptions.RayError as e:
