@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import importlib
 import io
 import socket
@@ -372,6 +373,7 @@ def test_overload_gives_503_with_retry_after(cluster, settings, api_key):
     from ray import serve
     from serve.app import make_app
 
+    settings = dataclasses.replace(settings, request_timeout_s=600.0)  # a busy box: 503s, never a 504
     app = make_app(settings, generator_options=dict(num_replicas=1, max_ongoing_requests=1, max_queued_requests=1,
                                                     ray_actor_options={"num_cpus": 0.25}),
                    ingress_options=dict(num_replicas=1, ray_actor_options={"num_cpus": 0.25}))
