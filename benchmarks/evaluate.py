@@ -27,6 +27,7 @@ from comfusion.checkpoint import SubjectMeta, load_subject_weights_, save_subjec
 from comfusion.config import from_dict  # noqa: E402
 from comfusion.metrics import Scorer, evaluation_plan  # noqa: E402
 from comfusion.models import load_base  # noqa: E402
+from comfusion.sampling import default_device  # noqa: E402
 from jobs.evaluate import EvalWorker, Target, collect, generate_plain, generate_ray, work_items  # noqa: E402
 
 
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-generation", action="store_true")
     args = ap.parse_args(argv)
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     preset = args.preset or ("sd15-arch" if device == "cuda" else "tiny")
     torch.set_num_threads(args.threads)
     if not args.skip_judges:

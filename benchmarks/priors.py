@@ -26,7 +26,7 @@ sys.path.insert(0, REPO)  # runnable as a script from anywhere
 from comfusion.config import from_dict  # noqa: E402
 from comfusion.models import load_base  # noqa: E402
 from comfusion.priors import generate_missing, open_cache, plan_priors  # noqa: E402
-from comfusion.sampling import default_dtype  # noqa: E402
+from comfusion.sampling import default_device, default_dtype  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
 
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     cfg = job_config(args)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     torch.set_num_threads(args.num_cpus)  # the Ray actor gets the same number of threads
     pythonpath = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
     ray.init(num_cpus=args.num_cpus, include_dashboard=False,  # workers import comfusion / jobs from REPO

@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from comfusion.models import load_base  # noqa: E402
-from comfusion.sampling import default_dtype, sample  # noqa: E402
+from comfusion.sampling import default_device, default_dtype, sample  # noqa: E402
 
 TFLOP_PER_IMAGE_SD15 = 30 * 2 * 0.8 + 2.5
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peak-tflops", type=float, default=790.0, help="dense bf16 TFLOP/s of the GPU (H100: ~790)")
     args = ap.parse_args(argv)
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     preset = args.preset or ("sd15-arch" if device == "cuda" else "tiny")
     n = args.images or (32 if device == "cuda" else 16)
     parts = load_base(preset, device=device, dtype=default_dtype(device))

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from comfusion.checkpoint import (SubjectMeta, load_subject_checkpoint, load_subject_weights_,  # noqa: E402
                                   read_subject_weights, save_subject_checkpoint, snapshot_weights)
 from comfusion.models import load_base  # noqa: E402
-from comfusion.sampling import default_dtype  # noqa: E402
+from comfusion.sampling import default_device, default_dtype  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.k >= args.subjects:
         ap.error("--k must be smaller than --subjects, so that subjects are evicted")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = default_device(args.device)
 
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         root = Path(tmp)

@@ -34,6 +34,7 @@ from comfusion.config import LEVERS, VARIANTS, JobConfig  # noqa: E402
 from comfusion.data import Subject  # noqa: E402
 from comfusion.models import BASE_PRESETS  # noqa: E402
 from comfusion.prompts import PAPER_SCENES, class_scene_text  # noqa: E402
+from comfusion.sampling import default_device  # noqa: E402
 from comfusion.train import Priors, SubjectTrainer  # noqa: E402
 
 
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="CPU: time the rows step by step in turn (fair under a varying load; no memory figure)")
     args = ap.parse_args(argv)
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
     cuda = device == "cuda"
     preset = args.preset or ("sd15-arch" if cuda else "tiny")
     if args.threads:

@@ -11,7 +11,7 @@ import io
 import re
 import unicodedata
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -275,13 +275,19 @@ def _spec_problems(spec: SubjectSpec, scenes: object) -> list[str]:
     return problems
 
 
+def subject_scenes(own: Sequence[str] | None, job_scenes: Sequence[str]) -> Sequence[str]:
+    """A subject's scenes (its priors, validation images and "specific" evaluation prompts): its
+    own list when its manifest entry gives one, else the job's `data.scenes`."""
+    return own if own is not None else job_scenes
+
+
 def check_subject(spec: SubjectSpec, data_cfg: DataConfig, resolution: int, *,
                   load_pixels: bool = True) -> Subject:
     """Check one subject in full; raises one SubjectError listing all of its problems.
 
     Every photo is decoded either way; `load_pixels=False` only skips building the tensor.
     """
-    scenes = spec.scenes if spec.scenes is not None else data_cfg.scenes
+    scenes = subject_scenes(spec.scenes, data_cfg.scenes)
     problems = _spec_problems(spec, scenes)
     outside = _path_problems(spec.images, data_cfg)
     problems += outside

@@ -11,6 +11,8 @@ disk, then make it visible in one step.
   `clean_stale` renames back into place.
 - `atomic_dir(folder)` is the usual way to call it: a context manager that yields the
   temporary folder to write into and publishes it when the block ends without an error.
+  `scratch_dir(folder)` yields the same temporary folder without publishing it, for a writer
+  that makes its own subfolder there (a download) and publishes that.
 - `write_file_atomic(path, data)` is the same for one file (`os.replace` is atomic for files).
 - `clean_stale(parent)` removes temporary entries whose writer is gone and restores `.old-*`
   copies whose folder is missing. A temporary name carries its writer's host and process id:
@@ -132,11 +134,12 @@ def publish_dir(src: str | os.PathLike, folder: str | os.PathLike, *, replace: b
 
 
 @contextlib.contextmanager
-def atomic_dir(folder: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
-    """Yield an empty temporary sibling of `folder`; publish it as `folder` when the block succeeds.
+def scratch_dir(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary sibling of `folder`, removed when the block ends.
 
-    Stale entries left beside `folder` by dead writers are cleaned first. On an error the
-    temporary folder is removed and `folder` stays as it was.
+    For a writer that makes its own subfolder (a download): it publishes that subfolder with
+    `publish_dir(sub, folder)` inside the block. Stale entries left beside `folder` by dead
+    writers are cleaned first.
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -145,9 +148,20 @@ def atomic_dir(folder: str | os.PathLike, *, replace: bool = True) -> Iterator[P
     tmp.mkdir()
     try:
         yield tmp
-        publish_dir(tmp, folder, replace=replace)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # only still there when something failed
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when it was published itself
+
+
+@contextlib.contextmanager
+def atomic_dir(folder: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
+    """Yield an empty temporary sibling of `folder`; publish it as `folder` when the block succeeds.
+
+    Stale entries left beside `folder` by dead writers are cleaned first. On an error the
+    temporary folder is removed and `folder` stays as it was.
+    """
+    with scratch_dir(folder) as tmp:
+        yield tmp
+        publish_dir(tmp, folder, replace=replace)
 
 
 def write_file_atomic(path: str | os.PathLike, data: bytes) -> Path:

@@ -8,8 +8,6 @@ so they take the very path that real weights take.
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, C
 from tokenizers import AddedToken
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from comfusion.fsutil import cache_root  # noqa: F401 - re-exported: models.cache_root()
+from comfusion.fsutil import atomic_dir, cache_root  # noqa: F401 - cache_root re-exported: models.cache_root()
 from comfusion.judges import Judges
 
 if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").lower() in ("1", "true", "yes", "on"):
@@ -239,29 +237,18 @@ def save_judges(components: dict, folder: str | Path) -> Path:
     return folder
 
 
-def _publish(build, folder: Path) -> Path:
-    """Build into a temporary folder and rename it into place, so concurrent processes never
-    see a half-written preset (the loser of a race simply discards its copy)."""
+def materialize_preset(name: str, seed: int = 0, kind: str = "base") -> Path:
+    """The cache folder holding preset `name` (written on first use, published atomically, so
+    concurrent processes never see a half-written preset; the loser of a race discards its copy)."""
+    folder = cache_root() / "presets" / f"{kind}-{name}-v{PRESET_FORMAT}-seed{seed}"
     if folder.exists():
         return folder
-    tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
-    build(tmp)
-    try:
-        os.rename(tmp, folder)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not folder.exists():
-            raise
+    with atomic_dir(folder, replace=False) as tmp:
+        if kind == "base":
+            save_base(build_base_components(name, seed), tmp)
+        else:
+            save_judges(build_judge_components(name, seed), tmp)
     return folder
-
-
-def materialize_preset(name: str, seed: int = 0, kind: str = "base") -> Path:
-    """The cache folder holding preset `name` (written on first use)."""
-    folder = cache_root() / "presets" / f"{kind}-{name}-v{PRESET_FORMAT}-seed{seed}"
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    if kind == "base":
-        return _publish(lambda tmp: save_base(build_base_components(name, seed), tmp), folder)
-    return _publish(lambda tmp: save_judges(build_judge_components(name, seed), tmp), folder)
 
 
 # ---------------------------------------------------------------------------------------

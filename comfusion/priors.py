@@ -125,16 +125,16 @@ class PriorPlan:
         return cls(**{**values, "scenes": tuple(values["scenes"])})
 
 
-def prior_scenes(cfg: JobConfig, method: str) -> tuple[str, ...]:
-    """The scenes a method's priors are made over: the config's scenes for ComFusion (Eq. 3),
+def prior_scenes(method: str, scenes: Sequence[str]) -> tuple[str, ...]:
+    """The scenes a method's priors are made over: the subject's `scenes` for ComFusion (Eq. 3),
     the single empty scene for DreamBooth, whose priors are "a [class noun]" (Eq. 2)."""
-    return ("",) if method == "dreambooth" else tuple(cfg.data.scenes)
+    return ("",) if method == "dreambooth" else tuple(scenes)
 
 
 def plan_priors(class_noun: str, cfg: JobConfig, scenes: Sequence[str] | None = None,
                 method: str | None = None) -> PriorPlan:
-    """The prior plan of `class_noun` under `cfg` (scenes default to `prior_scenes(cfg, method)`,
-    method to `cfg.method`).
+    """The prior plan of `class_noun` under `cfg` for a subject whose scenes are `scenes` (default
+    `data.scenes`), method default `cfg.method`; the plan's scenes are `prior_scenes(method, scenes)`.
 
     Refuses bad input before any work: an empty class noun (ValueError), no scenes, a count
     below 1 or above `priors.max_count` (ConfigError naming the key).
@@ -142,7 +142,7 @@ def plan_priors(class_noun: str, cfg: JobConfig, scenes: Sequence[str] | None = 
     if not isinstance(class_noun, str) or not class_noun.strip():
         raise ValueError(f"class noun must be a non-empty string, got {class_noun!r}")
     method = method or cfg.method
-    scenes = tuple(prior_scenes(cfg, method) if scenes is None else scenes)
+    scenes = prior_scenes(method, cfg.data.scenes if scenes is None else scenes)
     if method == "dreambooth" and scenes == ("",):
         pass  # the class-only plan
     elif not scenes or not all(isinstance(s, str) and s.strip() for s in scenes):
@@ -418,9 +418,11 @@ def generate_missing(plan: PriorPlan, cache: PriorCache, components: dict, sampl
 
 def ensure_priors(class_noun: str, cfg: JobConfig, storage: str | os.PathLike, *,
                   components: dict | None = None, device: str = "cpu",
-                  progress: Callable[[str], None] | None = print, method: str | None = None) -> PriorReport:
-    """Plan, open and complete one class's priors without Ray (base model loaded only if needed)."""
-    plan = plan_priors(class_noun, cfg, method=method)
+                  progress: Callable[[str], None] | None = print, method: str | None = None,
+                  scenes: Sequence[str] | None = None) -> PriorReport:
+    """Plan, open and complete one class's priors without Ray (base model loaded only if needed);
+    `scenes`: the subject's (default `data.scenes`)."""
+    plan = plan_priors(class_noun, cfg, scenes=scenes, method=method)
     cache = open_cache(storage, plan)
     if components is None and missing_indices(cache):
         from comfusion.models import load_base  # noqa: PLC0415  (only when something is missing)

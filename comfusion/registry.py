@@ -15,13 +15,20 @@ Names and pure rules only: no MLflow here (`jobs.tracking` writes with these nam
   (see `jobs.tracking.point_aliases`). A forced move sets the alias directly; the next
   registration moves it again to the best version. A rollback that sticks tags the bad versions
   `retired=true`: no alias names a retired version again.
+- Where the registry lives (`tracking_uri`): `MLFLOW_TRACKING_URI` when set, else the sqlite
+  file `<storage>/mlflow.db` of the job storage (`job.storage`, default `storage`), relative
+  sqlite paths made absolute. Jobs and the Serve app find the same registry by default.
+- Which base model a subject fits (`serving_base`): the Serve app must load the base the subjects
+  were trained from.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
-from comfusion.config import METHODS
+from comfusion.config import METHODS, JobSection, ModelConfig
 from comfusion.data import SUBJECT_ID_PATTERN, is_valid_subject_id
 
 SERVING_ALIAS = "serving"
@@ -39,6 +46,32 @@ VERSION_TAGS = (TAG_SUBJECT, TAG_IDENTIFIER, TAG_CLASS_NOUN, TAG_METHOD, TAG_CRE
 
 # Which method's checkpoint a subject serves when it has several: the paper's method first.
 SERVING_PREFERENCE: tuple[str, ...] = METHODS
+
+
+SQLITE_PREFIX = "sqlite:///"
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """`sqlite:///mlflow.db` relative to the current folder -> an absolute sqlite URI; other URIs as given.
+
+    Workers and replicas run in other working folders; a relative path would open an empty database there.
+    """
+    if uri.startswith(SQLITE_PREFIX) and not uri.startswith(SQLITE_PREFIX + "/") and ":memory:" not in uri:
+        return SQLITE_PREFIX + str(Path(uri[len(SQLITE_PREFIX):]).resolve())
+    return uri
+
+
+def tracking_uri(storage: str | os.PathLike = JobSection.storage) -> str:
+    """The MLflow tracking and registry URI: `MLFLOW_TRACKING_URI` when set (a server), else the
+    sqlite file `mlflow.db` in the job storage `storage`."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"{SQLITE_PREFIX}{Path(storage).resolve() / 'mlflow.db'}"
+    return absolute_tracking_uri(uri)
+
+
+def serving_base(model: ModelConfig) -> dict:
+    """The Serve app's settings (`serve.settings.ServeSettings`) that must match the model a job
+    trained its subjects from: the base model and the presets' weight seed."""
+    return {"base": model.base, "preset_seed": model.preset_seed}
 
 
 @dataclass(frozen=True)

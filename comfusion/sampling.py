@@ -24,6 +24,14 @@ class SampleOutput:
     latents: torch.Tensor  # (B, 4, H/f, W/f) final denoised latents, VAE-scaled, float32 on CPU
 
 
+def default_device(name: str | None = None) -> str:
+    """The device to compute on: `name` when it names one ("cpu", "cuda", "cuda:1"); None or
+    "auto": "cuda" when a GPU is visible, else "cpu"."""
+    if name and name != "auto":
+        return str(name)
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def default_dtype(device: torch.device | str) -> torch.dtype:
     """fp32 on the CPU; bf16 on CUDA where supported, else fp16."""
     device = torch.device(device)

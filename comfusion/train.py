@@ -17,10 +17,8 @@ import contextlib
 import json
 import os
 import random
-import shutil
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,6 +31,7 @@ from torch import Tensor
 from comfusion.checkpoint import SubjectMeta, save_subject_checkpoint
 from comfusion.config import ConfigError, JobConfig, load_config, to_dict
 from comfusion.data import Subject, SubjectError, check_subject
+from comfusion.fsutil import atomic_dir
 from comfusion.losses import (
     add_noise,
     class_scene_loss,
@@ -45,7 +44,7 @@ from comfusion.losses import (
 )
 from comfusion.models import ModelNotFoundError, load_base, load_judges, noise_schedule
 from comfusion.prompts import class_scene_text, class_text, instance_scene_text, instance_text
-from comfusion.sampling import default_dtype, encode_text, sample
+from comfusion.sampling import default_device, default_dtype, encode_text, sample
 
 STATE_FORMAT = 1  # bump when the layout of `save_state` changes
 
@@ -97,10 +96,6 @@ class TrainCallbacks:
     def on_checkpoint(self, step: int, trainer: "SubjectTrainer") -> None: ...
 
     def on_grad_norms(self, step: int, norms: dict[str, float]) -> None: ...
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # ---------------------------------------------------------------------------------------
@@ -365,11 +360,7 @@ class SubjectTrainer:
 
         Written to a temporary sibling and renamed into place (an older state there is replaced).
         """
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
-            tmp.mkdir()
+        with atomic_dir(folder) as tmp:  # flushed to disk before it becomes visible
             save_file(_cpu_state(self.unet), tmp / "unet.safetensors")
             if self.cfg.train.train_text_encoder:  # a frozen text encoder is the base's: not saved
                 save_file(_cpu_state(self.text_encoder), tmp / "text_encoder.safetensors")
@@ -377,13 +368,7 @@ class SubjectTrainer:
                         "generator": self.generator.get_state(), "rng": _global_rng_states()}, tmp / "trainer.pt")
             meta = {"format": STATE_FORMAT, "step": self.step, "subject": self.subject.id, "method": self.cfg.method}
             (tmp / "state.json").write_text(json.dumps(meta, indent=2))
-            for path in tmp.iterdir():  # on disk before the rename makes the state visible
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
-            _replace_dir(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # only still there when something failed
-        return folder
+        return Path(folder)
 
     def load_state(self, folder: str | os.PathLike) -> None:
         """Restore what `save_state` wrote; the next step is the one the saved run would have taken."""
@@ -471,21 +456,6 @@ def _set_global_rng_states(states: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def _replace_dir(tmp: Path, folder: Path) -> None:
-    """Rename the complete `tmp` to `folder`; an existing `folder` is moved aside, then removed."""
-    old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}") if folder.exists() else None
-    if old is not None:
-        os.rename(folder, old)
-    try:
-        os.rename(tmp, folder)
-    except OSError:
-        if old is not None:
-            os.rename(old, folder)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------------------
 # one subject, start to finish
 
@@ -502,14 +472,13 @@ def obtain_priors(cfg: JobConfig, subject: Subject, device: str | torch.device |
     """The subject's class priors for `cfg.method` from the prior cache under `job.storage`,
     generating only what is missing in-process (the no-Ray path; jobs use Ray Data).
 
-    ComFusion gets "a [class noun] [scene]" over `data.scenes`; DreamBooth gets "a [class noun]".
+    ComFusion gets "a [class noun] [scene]" over the subject's scenes; DreamBooth gets "a [class noun]".
     """
     from comfusion.priors import ensure_priors, read_priors  # noqa: PLC0415
 
     device = str(device or default_device())
-    if tuple(subject.scenes) != tuple(cfg.data.scenes):  # a subject with scenes of its own
-        cfg = cfg.replace(**{"data.scenes": list(subject.scenes)})
-    report = ensure_priors(subject.class_noun, cfg, cfg.job.storage, device=device, method=cfg.method)
+    report = ensure_priors(subject.class_noun, cfg, cfg.job.storage, device=device, method=cfg.method,
+                           scenes=subject.scenes)
     return read_priors(report.folder)
 
 

@@ -70,8 +70,10 @@ def submit_training(config: str, photos: Path) -> None:
 def deploy_app(job_cfg) -> None:
     cfg = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
     app = cfg["applications"][0]
+    from comfusion.registry import serving_base  # noqa: PLC0415
+
     # the subjects' base model, not serve.yaml's default: their weights only fit the model they came from
-    app["args"].update(base=job_cfg.model.base, preset_seed=job_cfg.model.preset_seed, tracking_uri=MLFLOW_URI,
+    app["args"].update(**serving_base(job_cfg.model), tracking_uri=MLFLOW_URI,
                        cache_dir=str(STORAGE / "serve-cache"), default_steps=job_cfg.sampler.steps,
                        api_keys_file=str(KEYS_FILE))
     app["runtime_env"] = {"env_vars": job_env_vars()}

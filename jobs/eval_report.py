@@ -19,7 +19,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,10 +28,8 @@ from PIL import Image
 from comfusion.config import JobConfig, flatten
 from comfusion.data import load_image
 from comfusion.metrics import EvalPrompt, ImageEmbeddings, Scorer, image_scores, real_images_scores, slug
-from comfusion.sampling import image_grid
-
-if TYPE_CHECKING:
-    from jobs.evaluate import Target
+from comfusion.sampling import default_device, image_grid
+from jobs.eval_targets import Target
 
 COLUMNS = ("subject", "method", "prompt_set", "prompt", "scene", "judge", "metric", "value")
 ALL = "ALL"  # the prompt of a subject-level row
@@ -101,7 +99,7 @@ def score_target(target: Target, plan: list[EvalPrompt], gen: Generated, real: I
 def embed_references(cfg: JobConfig, targets: list[Target], plans: list[list[EvalPrompt]],
                      progress: Callable[[str], None] | None = print) -> tuple[dict, dict, list[dict]]:
     """Real-photo embeddings per subject, CLIP text embeddings per CLIP-T text, and the Real Images rows."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     scorer = Scorer.load(cfg.eval.dino, cfg.eval.clip_judges, seed=cfg.model.preset_seed, device=device,
                          batch_size=cfg.eval.batch_size, heldout_dino=cfg.eval.heldout_dino)
     real, rows = {}, []

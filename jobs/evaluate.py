@@ -14,22 +14,18 @@ judges once, swaps subject weights in place and calls the shared `sample`, then 
 images. The driver embeds the real photos and the prompts, scores, logs `eval/...` metrics
 and sample grids to each subject's run, writes scores.csv, table.md and scores.png to
 `eval.out` (or --out), logs them to an `evaluation` run, and prints the table. MLflow is the
-training job's backend: `MLFLOW_TRACKING_URI`, else `<job.storage>/mlflow.db` (`jobs.tracking`).
+training job's backend: `MLFLOW_TRACKING_URI`, else `<job.storage>/mlflow.db` (`comfusion.registry.tracking_uri`).
 Exit status: 0 when everything asked for was evaluated, 1 when something was missing or failed
 (the rest is still reported), 2 for a bad config or command line.
 """
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 import time
 import urllib.parse
 import urllib.request
-import uuid
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -43,12 +39,15 @@ if __package__ in (None, ""):  # run as a script (python jobs/evaluate.py): make
 
 from comfusion.checkpoint import CheckpointError, SubjectMeta, load_subject_weights_, verify_checkpoint
 from comfusion.config import ConfigError, JobConfig, load_config
-from comfusion.data import ImageError
+from comfusion.data import ImageError, subject_scenes
+from comfusion.fsutil import publish_dir, scratch_dir
 from comfusion.metrics import EvalPrompt, ImageEmbeddings, Scorer, eval_seed, evaluation_plan
 from comfusion.models import ModelNotFoundError, load_base
-from comfusion.sampling import default_dtype, png_bytes, sample
+from comfusion.registry import CHECKPOINT_ARTIFACT, tracking_uri
+from comfusion.sampling import default_device, default_dtype, png_bytes, sample
 from jobs.eval_report import (GRID_IMAGES, Generated, embed_references, log_evaluation_run, log_to_subject_runs,
                                sample_grids, score_target, write_report)
+from jobs.eval_targets import Target
 
 THUMB = 128  # grid thumbnails: at most this many pixels a side
 ITEM_BATCHES = 16  # sampler batches per work item: 256 images at eval.batch_size 16
@@ -64,25 +63,6 @@ def say(msg: str) -> None:
     print(f"[evaluate] {msg}", flush=True)
 
 
-@dataclass(frozen=True)
-class Target:
-    """One trained (subject, method) to evaluate, with the real photos it is scored against."""
-
-    subject: str
-    method: str  # the table row: the method, or the label given with --checkpoint LABEL=DIR
-    checkpoint: str  # verified local checkpoint folder
-    identifier: str
-    class_noun: str
-    photos: tuple[str, ...]  # the subject's real photos (DINO / CLIP-I references)
-    scenes: tuple[str, ...]  # the "specific" prompt set
-    run_id: str | None = None  # the subject's MLflow run, when found through MLflow
-
-    @property
-    def name(self) -> str:
-        """'subject/method', for progress lines."""
-        return f"{self.subject}/{self.method}"
-
-
 # ---------------------------------------------------------------------------------------
 # finding what to evaluate
 
@@ -91,11 +71,11 @@ def _subject_entry(cfg: JobConfig, meta: SubjectMeta) -> tuple[tuple[str, ...], 
     """(photos, scenes) of the subject: from the config's manifest, else the one stored at training."""
     for s in cfg.data.subjects:
         if s.id == meta.id:
-            return tuple(s.images), tuple(s.scenes or cfg.data.scenes)
+            return tuple(s.images), tuple(subject_scenes(s.scenes, cfg.data.scenes))
     data = meta.config.get("data", {}) if isinstance(meta.config, dict) else {}
     for s in data.get("subjects") or []:
         if isinstance(s, dict) and s.get("id") == meta.id and s.get("images"):
-            return tuple(s["images"]), tuple(s.get("scenes") or data.get("scenes") or cfg.data.scenes)
+            return tuple(s["images"]), tuple(subject_scenes(s.get("scenes"), data.get("scenes") or cfg.data.scenes))
     raise EvalError(f"subject {meta.id!r}: no real photos; add it to data.subjects of the config")
 
 
@@ -149,32 +129,25 @@ def fetch_checkpoint(client, run, root: Path) -> Path:
     """The run's `checkpoint` artifacts as a local folder: read in place from a local artifact store
     (no copy of 2 GB per subject), else downloaded once to `root/<run_id>/checkpoint`."""
     local = local_artifact_dir(run.info.artifact_uri)
-    if local is not None and (local / "checkpoint").is_dir():
-        return local / "checkpoint"  # verified by make_target
+    if local is not None and (local / CHECKPOINT_ARTIFACT).is_dir():
+        return local / CHECKPOINT_ARTIFACT  # verified by make_target
     run_id = run.info.run_id
-    folder = root / run_id / "checkpoint"
+    folder = root / run_id / CHECKPOINT_ARTIFACT
     if folder.is_dir():
         try:
             verify_checkpoint(folder)
             return folder
         except CheckpointError:
-            shutil.rmtree(folder)
-    tmp = root / f".{run_id}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
-        downloaded = Path(client.download_artifacts(run_id, "checkpoint", str(tmp)))
+            pass  # a damaged copy: replaced below, in one step
+    with scratch_dir(folder) as tmp:
+        downloaded = Path(client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, str(tmp)))
         verify_checkpoint(downloaded)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(downloaded, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        publish_dir(downloaded, folder)
     return folder
 
 
 def mlflow_targets(client, cfg: JobConfig, methods: list[str]) -> tuple[list[Target], list[str]]:
     """Targets for every configured subject (every tagged subject when none) and method."""
-    from jobs.tracking import tracking_uri  # noqa: PLC0415
-
     exp = client.get_experiment_by_name(cfg.job.name)
     if exp is None:
         return [], [f"no MLflow experiment named {cfg.job.name!r} at {tracking_uri(cfg.job.storage)}"]
@@ -285,7 +258,7 @@ def generate_ray(cfg: JobConfig, items: list[dict]) -> Iterable[dict]:
 
 def generate_plain(cfg: JobConfig, items: list[dict], worker: EvalWorker | None = None) -> Iterable[dict]:
     """The same work in this process, one item after another (no Ray)."""
-    worker = worker or EvalWorker(cfg, device="cuda" if torch.cuda.is_available() else "cpu")
+    worker = worker or EvalWorker(cfg, device=default_device())
     for item in items:
         yield worker.process(item)
 
@@ -359,8 +332,6 @@ def main(argv: list[str] | None = None) -> int:
     client = None
     if not args.no_mlflow:
         from mlflow import MlflowClient  # noqa: PLC0415
-
-        from jobs.tracking import tracking_uri  # noqa: PLC0415  (the training job's backend)
 
         client = MlflowClient(tracking_uri=tracking_uri(cfg.job.storage))
     methods = args.methods or list(cfg.job.methods)

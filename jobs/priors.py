@@ -148,12 +148,13 @@ def _generate_missing(cfg: JobConfig, work: dict, cpus_per_actor: float | None, 
 
 def make_priors(cfg: JobConfig, class_nouns: list[str], storage: str | os.PathLike, *,
                 progress: Callable[[str], None] | None = print, cpus_per_actor: float | None = None,
-                shard_rows: int = SHARD_ROWS, methods: list[str] | None = None) -> dict:
+                shard_rows: int = SHARD_ROWS, methods: list[str] | None = None,
+                scenes: list[str] | tuple[str, ...] | None = None) -> dict:
     """Make sure every class in `class_nouns` has its complete prior set under `storage`.
 
     With `methods` (e.g. ["comfusion", "dreambooth"]) every (class, method) plan is made in the
     same pipeline and the reports are keyed by (class noun, method); without, by class noun
-    for `cfg.method`.
+    for `cfg.method`. `scenes`: the subjects' scenes (default `data.scenes`; see `plan_priors`).
 
     All classes go through one Ray Data pipeline; only missing (or damaged) indices are
     generated. Returns a report per class noun: key, folder, generated and reused counts.
@@ -166,9 +167,9 @@ def make_priors(cfg: JobConfig, class_nouns: list[str], storage: str | os.PathLi
         raise TypeError(f"class_nouns must be a list of class nouns, got the string {class_nouns!r}")
     nouns = list(dict.fromkeys(class_nouns))
     if methods is None:
-        plans = {c: plan_priors(c, cfg) for c in nouns}  # validates every class first
+        plans = {c: plan_priors(c, cfg, scenes) for c in nouns}  # validates every class first
     else:
-        plans = {(c, m): plan_priors(c, cfg, method=m) for c in nouns for m in dict.fromkeys(methods)}
+        plans = {(c, m): plan_priors(c, cfg, scenes, method=m) for c in nouns for m in dict.fromkeys(methods)}
     work = {}
     for plan in plans.values():
         cache = open_cache(storage, plan)

@@ -1,6 +1,7 @@
-"""MLflow wiring for the jobs: the backend, one experiment per job, one run per (subject, method),
-the callbacks through which a training worker logs into its run, and the writing side of the
-subject registry (`comfusion.registry` holds its names and rules).
+"""MLflow wiring for the jobs: the backend's artifact folder (its URI is
+`comfusion.registry.tracking_uri`), one experiment per job, one run per (subject, method), the
+callbacks through which a training worker logs into its run, and the writing side of the subject
+registry (`comfusion.registry` holds its names and rules).
 
 Everything a training worker sends to MLflow goes through `PatientClient`: a call that fails
 because MLflow is unreachable (or answers 5xx / 429) is retried with backoff until the outage
@@ -9,7 +10,6 @@ has lasted `job.mlflow_outage_s`, so a blip never spends one of Ray Train's `max
 from __future__ import annotations
 
 import os
-import re
 import time
 from pathlib import Path
 
@@ -22,17 +22,13 @@ from mlflow.exceptions import MlflowException
 from comfusion import registry
 from comfusion.checkpoint import verify_checkpoint
 from comfusion.config import JobConfig, JobSection, flatten
+from comfusion.metrics import slug
 
 LOSS_KEYS = ("instance", "class_scene", "fusion_instance", "fusion_scene", "total")
 # MLflow's experiment-kind tag (read by its UI): a training experiment opens in the classic
 # runs / metrics view rather than the GenAI traces view.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
-
-
-def tracking_uri(storage: str | os.PathLike) -> str:
-    """`MLFLOW_TRACKING_URI` when set (a server), else a sqlite file in the job's storage."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(storage).resolve() / 'mlflow.db'}"
 
 
 def artifact_root(storage: str | os.PathLike) -> str | None:
@@ -74,10 +70,6 @@ def create_run(client: MlflowClient, exp_id: str, cfg: JobConfig, subject_id: st
 def _param_value(v) -> str:
     s = ", ".join(map(str, v)) if isinstance(v, list) else str(v)
     return s if len(s) <= 6000 else s[:5997] + "..."
-
-
-def scene_slug(scene: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", scene.lower()).strip("_") or "class"
 
 
 # ---------------------------------------------------------------------------------------
@@ -175,7 +167,7 @@ class RunLogger:
 
     def on_validation(self, step: int, images: dict[str, np.ndarray]) -> None:
         for scene, image in images.items():
-            self.client.log_image(self.run_id, image, key=f"samples/{scene_slug(scene)}", step=step)
+            self.client.log_image(self.run_id, image, key=f"samples/{slug(scene)}", step=step)
 
     def flush(self) -> None:
         """Write the buffered steps; through an outage this waits (up to `outage_s`) and retries.

@@ -49,16 +49,17 @@ def make_all_priors(cfg, subjects, storage: Path) -> dict:
     for s in subjects:
         by_scenes.setdefault(tuple(s.scenes), []).append(s)
     for scenes, group in by_scenes.items():
-        c = cfg.replace(**{"data.scenes": list(scenes)})
-        reports = make_priors(c, [s.class_noun for s in group], storage, methods=list(cfg.job.methods))
+        reports = make_priors(cfg, [s.class_noun for s in group], storage, methods=list(cfg.job.methods),
+                              scenes=scenes)
         for (noun, method), rep in reports.items():
             folders[(scenes, noun, method)] = rep.folder
     return folders
 
 
 def run_key(cfg, subject) -> str:
-    """What makes two (subject, method) trainings the same: the whole config (method and scenes
-    set) and the subject's photos, by content. A resubmitted job finds its runs by this key."""
+    """What makes two (subject, method) trainings the same: the whole config (method set; the
+    subject's scenes are in it, its own in its `data.subjects` entry, else `data.scenes`), the
+    subject's texts and its photos, by content. A resubmitted job finds its runs by this key."""
     h = hashlib.sha256(dump_config(cfg).encode())
     h.update(f"{subject.id}|{subject.identifier}|{subject.class_noun}".encode())
     for path in subject.image_paths:
@@ -75,7 +76,8 @@ def plan_runs(cfg, subjects, priors: dict, storage: Path, use_gpu: bool) -> tupl
     """
     from mlflow import MlflowClient  # noqa: PLC0415
 
-    from jobs.tracking import create_run, experiment_id, tracking_uri  # noqa: PLC0415
+    from comfusion.registry import tracking_uri  # noqa: PLC0415
+    from jobs.tracking import create_run, experiment_id  # noqa: PLC0415
     from jobs.train_worker import SubjectRun  # noqa: PLC0415
 
     uri = tracking_uri(storage)
@@ -85,7 +87,7 @@ def plan_runs(cfg, subjects, priors: dict, storage: Path, use_gpu: bool) -> tupl
     runs, done = [], []
     for s in subjects:
         for method in cfg.job.methods:
-            c = cfg.replace(method=method, **{"data.scenes": list(s.scenes), "job.storage": str(storage)})
+            c = cfg.replace(method=method, **{"job.storage": str(storage)})
             key = run_key(c, s)
             earlier = _earlier_run(client, exp, key)
             if earlier is not None and _finished(client, earlier):
@@ -98,6 +100,7 @@ def plan_runs(cfg, subjects, priors: dict, storage: Path, use_gpu: bool) -> tupl
             else:
                 run_id = create_run(client, exp, c, s.id, s.class_noun, s.identifier)
                 client.set_tag(run_id, RUN_KEY_TAG, key)
+                client.set_tag(run_id, SCENES_TAG, ", ".join(s.scenes)[:5000])  # params hold the job's data.scenes
             runs.append(SubjectRun(cfg=c, spec=spec_of[s.id], run_id=run_id, tracking_uri=uri,
                                    priors_dir=priors[(tuple(s.scenes), s.class_noun, method)],
                                    checkpoint_dir=str(storage / "checkpoints" / cfg.job.name / s.id / method / run_id),
@@ -108,6 +111,7 @@ def plan_runs(cfg, subjects, priors: dict, storage: Path, use_gpu: bool) -> tupl
 
 
 RUN_KEY_TAG = "run_key"
+SCENES_TAG = "scenes"  # the subject's scenes (its own, or the job's data.scenes)
 
 
 def _earlier_run(client, exp: str, key: str):

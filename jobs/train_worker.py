@@ -34,7 +34,7 @@ class RunFailed(RuntimeError):
 class SubjectRun:
     """Everything one (subject, method) training needs; crosses the Ray boundary whole."""
 
-    cfg: JobConfig  # with `method` set and `data.scenes` the subject's scenes
+    cfg: JobConfig  # with `method` set (the subject's scenes: `check_subject` of `spec`)
     spec: SubjectSpec
     run_id: str  # the MLflow run, made by the driver so a restarted worker logs into it
     tracking_uri: str

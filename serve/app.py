@@ -40,7 +40,7 @@ from comfusion import __version__
 from comfusion.checkpoint import CheckpointError, SubjectMeta, load_subject_weights_, read_subject_weights
 from comfusion.models import BASE_PRESETS, SAVED_PRESETS, build_byte_tokenizer, load_base, resolve_base
 from comfusion.prompts import instance_scene_text
-from comfusion.sampling import SamplingCancelled, default_dtype, png_bytes, sample
+from comfusion.sampling import SamplingCancelled, default_device, default_dtype, png_bytes, sample
 from serve.auth import Caller, KeyStore, require_key
 from serve.docs import add_offline_docs
 from serve.guards import BodySizeLimit, RequestStopped, ServeError, StopFlag, base_mismatch
@@ -65,13 +65,6 @@ async def require_admin(caller: Caller = Security(require_key)) -> Caller:
 
 # ---------------------------------------------------------------------------------------
 # helpers
-
-
-def resolve_device(name: str) -> str:
-    """"auto" -> "cuda" when a GPU is visible, else "cpu"."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def load_tokenizer(base: str, seed: int = 0) -> CLIPTokenizer:
@@ -202,7 +195,7 @@ class Generator:
 
     def __init__(self, settings: ServeSettings):
         self.settings = settings
-        self.device = resolve_device(settings.device)
+        self.device = default_device(settings.device)
         self.dtype = default_dtype(self.device)
         self.components = load_base(settings.base, seed=settings.preset_seed, device=self.device, dtype=self.dtype)
         self.pipeline_builds = 1  # never rebuilt for a request: only weights are swapped

@@ -18,7 +18,6 @@ import os
 import shutil
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -31,6 +30,7 @@ from mlflow.exceptions import MlflowException
 
 from comfusion.checkpoint import META_FILE, CheckpointError, verify_checkpoint
 from comfusion.data import is_valid_subject_id
+from comfusion.fsutil import publish_dir, scratch_dir, temp_sibling
 from comfusion.registry import SERVING_ALIAS
 
 log = logging.getLogger("ray.serve")
@@ -375,21 +375,15 @@ class SubjectRegistry:
                 total -= size
 
     def _download(self, record: SubjectRecord, folder: Path) -> Path:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
+        """Download into a temporary sibling, verify, publish in one step: a complete copy that
+        another replica published meanwhile is kept, an incomplete one replaced."""
+        with scratch_dir(folder) as tmp:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=record.source, dst_path=str(tmp),
                                                              tracking_uri=self.tracking_uri))
             meta = verify_checkpoint(local)
             if meta.id != record.id:
                 raise ValueError(f"registered version {record.version} of {record.id!r} holds subject {meta.id!r}")
-            try:
-                local.rename(folder)
-            except OSError:
-                if not (folder / META_FILE).is_file():  # not just another replica winning the race
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            publish_dir(local, folder, replace=not (folder / META_FILE).is_file())
         return folder
 
 
@@ -399,8 +393,9 @@ def _version_number(folder: Path) -> int:
 
 
 def _remove(folder: Path) -> None:
-    """Rename the folder aside (readers see it gone at once), then delete it."""
-    aside = folder.with_name(f".{folder.name}.gone-{uuid.uuid4().hex[:8]}")
+    """Rename the folder aside (readers see it gone at once), then delete it; a process killed in
+    between leaves a temporary entry that the next download beside it cleans (`clean_stale`)."""
+    aside = temp_sibling(folder)
     try:
         os.rename(folder, aside)
     except OSError:

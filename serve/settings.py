@@ -5,29 +5,11 @@ The frozen dataclass, not the raw dict, is what crosses the Ray boundary into th
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from comfusion import registry
 from comfusion.fsutil import cache_root
 from serve.auth import default_keys_file
-
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-
-
-def _absolute_sqlite(uri: str) -> str:
-    """`sqlite:///mlflow.db` relative to the current folder -> an absolute sqlite URI.
-
-    Replicas run in other working folders; a relative path would open an empty database there.
-    """
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/") and ":memory:" not in uri:
-        return prefix + str(Path(uri[len(prefix):]).resolve())
-    return uri
-
-
-def default_tracking_uri() -> str:
-    return _absolute_sqlite(os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
 
 
 def default_cache_dir() -> str:
@@ -40,7 +22,8 @@ class ServeSettings:
 
     base: str = "tiny"  # base model the subjects were trained from: preset, folder or hub id
     preset_seed: int = 0  # seed of the built-in presets' random weights (must match training)
-    tracking_uri: str = field(default_factory=default_tracking_uri)  # MLflow tracking + registry URI
+    # MLflow tracking + registry URI; default: $MLFLOW_TRACKING_URI, else <cwd>/storage/mlflow.db (the jobs' default)
+    tracking_uri: str = field(default_factory=registry.tracking_uri)
     cache_dir: str = field(default_factory=default_cache_dir)  # where fetched checkpoints are kept
     max_models_per_replica: int = 3  # K: subjects whose weights a replica keeps in memory (LRU)
     default_steps: int = 30  # DDIM steps when a request gives none
@@ -97,5 +80,5 @@ class ServeSettings:
                 raise ValueError(f"serve arg '{key}': expected {kind.__name__}, got {value!r}")
             values[key] = kind(value)
         if "tracking_uri" in values:
-            values["tracking_uri"] = _absolute_sqlite(values["tracking_uri"])
+            values["tracking_uri"] = registry.absolute_tracking_uri(values["tracking_uri"])
         return cls(**values)
