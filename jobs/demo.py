@@ -94,9 +94,11 @@ def deploy_app(job_cfg) -> None:
 
 def demo_key() -> str:
     """A fresh admin key named `demo` (the previous demo key stops working): printed for the user."""
-    from serve.auth import create_key  # noqa: PLC0415
-
-    return create_key(KEYS_FILE, "demo", admin=True, rate_per_s=5.0, burst=50, replace=True)
+    # through the app's own command line: jobs/ does not import serve/ (DESIGN's layering)
+    out = subprocess.run([sys.executable, "-m", "serve.auth", "create", "demo", "--admin", "--rate", "5",
+                          "--burst", "50", "--replace", "--file", str(KEYS_FILE)],
+                         cwd=REPO, check=True, capture_output=True, text=True)
+    return out.stdout.strip()
 
 
 def http(method: str, url: str, key: str, body: dict | None = None, timeout: float = 120) -> dict:
