@@ -215,6 +215,9 @@ class JobSection:
     name: str = "comfusion"  # MLflow experiment name and Ray run-name prefix
     methods: tuple[str, ...] = ("comfusion",)  # train each subject with each of these
     storage: str = "storage"  # root of the prior cache, Ray Train storage and checkpoints
+    # MLflow tracking + registry URI; "" = $MLFLOW_TRACKING_URI of the job (its runtime env), else
+    # sqlite in `storage`. Set here, it reaches the job however it is submitted.
+    tracking_uri: str = ""
     max_failures: int = 2  # Ray Train worker restarts per subject before it fails for good
     max_concurrent: int = 0  # subjects training at once; 0: as many as the cluster has room for
     cpus_per_trainer: float = 1.0  # CPU slots per training worker when there is no GPU

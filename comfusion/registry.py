@@ -61,10 +61,12 @@ def absolute_tracking_uri(uri: str) -> str:
     return uri
 
 
-def tracking_uri(storage: str | os.PathLike = JobSection.storage) -> str:
-    """The MLflow tracking and registry URI: `MLFLOW_TRACKING_URI` when set (a server), else the
-    sqlite file `mlflow.db` in the job storage `storage`."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"{SQLITE_PREFIX}{Path(storage).resolve() / 'mlflow.db'}"
+def tracking_uri(storage: str | os.PathLike = JobSection.storage, configured: str = "") -> str:
+    """The MLflow tracking and registry URI: `configured` (a job's `job.tracking_uri`) when given,
+    else `MLFLOW_TRACKING_URI` when set (a server), else the sqlite file `mlflow.db` in the job
+    storage `storage`."""
+    uri = (configured or os.environ.get("MLFLOW_TRACKING_URI")
+           or f"{SQLITE_PREFIX}{Path(storage).resolve() / 'mlflow.db'}")
     return absolute_tracking_uri(uri)
 
 

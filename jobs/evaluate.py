@@ -150,7 +150,7 @@ def mlflow_targets(client, cfg: JobConfig, methods: list[str]) -> tuple[list[Tar
     """Targets for every configured subject (every tagged subject when none) and method."""
     exp = client.get_experiment_by_name(cfg.job.name)
     if exp is None:
-        return [], [f"no MLflow experiment named {cfg.job.name!r} at {tracking_uri(cfg.job.storage)}"]
+        return [], [f"no MLflow experiment named {cfg.job.name!r} at {tracking_uri(cfg.job.storage, cfg.job.tracking_uri)}"]
     runs = latest_finished_runs(client, exp.experiment_id)
     subjects = [s.id for s in cfg.data.subjects] or sorted({s for s, _ in runs})
     targets, problems = [], []
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_mlflow:
         from mlflow import MlflowClient  # noqa: PLC0415
 
-        client = MlflowClient(tracking_uri=tracking_uri(cfg.job.storage))
+        client = MlflowClient(tracking_uri=tracking_uri(cfg.job.storage, cfg.job.tracking_uri))
     methods = args.methods or list(cfg.job.methods)
     targets, problems = (folder_targets(cfg, args.checkpoint) if args.checkpoint
                          else mlflow_targets(client, cfg, methods))

@@ -31,9 +31,9 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
 
-def artifact_root(storage: str | os.PathLike) -> str | None:
-    """A local artifact folder beside the sqlite backend; a server manages its own."""
-    if os.environ.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://")):
+def artifact_root(storage: str | os.PathLike, uri: str) -> str | None:
+    """A local artifact folder beside the sqlite backend; a server (`uri` over HTTP) manages its own."""
+    if uri.startswith(("http://", "https://")):
         return None
     return (Path(storage).resolve() / "mlartifacts").as_uri()
 
@@ -43,7 +43,7 @@ def experiment_id(client: MlflowClient, name: str, storage: str | os.PathLike) -
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_root(storage),
+            return client.create_experiment(name, artifact_location=artifact_root(storage, client.tracking_uri),
                                             tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException:  # created by a concurrent job meanwhile
             exp = client.get_experiment_by_name(name)

@@ -80,7 +80,7 @@ def plan_runs(cfg, subjects, priors: dict, storage: Path, use_gpu: bool) -> tupl
     from jobs.tracking import create_run, experiment_id  # noqa: PLC0415
     from jobs.train_worker import SubjectRun  # noqa: PLC0415
 
-    uri = tracking_uri(storage)
+    uri = tracking_uri(storage, cfg.job.tracking_uri)
     client = MlflowClient(uri)
     exp = experiment_id(client, cfg.job.name, storage)
     spec_of = {sp.id: sp for sp in cfg.data.subjects}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from comfusion import registry
-from comfusion.config import JobSection, from_dict
+from comfusion.config import JobSection, from_dict, load_config
 from comfusion.data import subject_scenes
 from comfusion.fsutil import clean_stale, publish_dir, scratch_dir, temp_sibling
 from comfusion.metrics import slug
@@ -64,6 +64,10 @@ def test_tracking_uri_is_the_same_for_jobs_and_serve(tmp_path, monkeypatch):
     assert registry.tracking_uri() == ServeSettings().tracking_uri == "http://mlflow:5000"
     assert ServeSettings.from_args({"tracking_uri": "sqlite:///x.db"}).tracking_uri == \
         f"sqlite:///{tmp_path.resolve() / 'x.db'}"
+    # a job's own job.tracking_uri wins over the environment (which a submitted job may not have)
+    assert registry.tracking_uri("ignored", "http://other:5000") == "http://other:5000"
+    cfg = load_config(REPO / "configs" / "demo.yaml", ["job.tracking_uri=sqlite:///j.db"])
+    assert registry.tracking_uri(cfg.job.storage, cfg.job.tracking_uri) == f"sqlite:///{tmp_path.resolve() / 'j.db'}"
 
 
 def test_serving_base_matches_the_serve_settings_fields():
