@@ -114,3 +114,30 @@ def test_default_url_is_beside_the_cache_and_settings_check_the_url(tmp_path):
         ServeSettings(votes_url="not a url")
     with pytest.raises(ValueError, match="votes_url"):
         ServeSettings.from_args({"votes_url": 3})
+
+
+def test_results_are_logged_to_the_evaluation_run(tmp_path):
+    """Into the newest `evaluation` run when there is one (jobs/evaluate.py makes it), else a new one."""
+    from mlflow import MlflowClient
+
+    from serve.studio_backend import log_user_study
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    store = V.VoteStore(f"sqlite:///{tmp_path}/votes.db")
+    for text in ("left", "left", "right"):
+        store.vote(ballot(store).id, "alice", text, "left")
+    rows = store.rows()
+    table = V.results(rows)
+    client = MlflowClient(tracking_uri=uri)
+    first = log_user_study(uri, table, V.results_csv(table), V.votes_csv(rows))
+    run = client.get_run(first)
+    assert run.info.run_name == "evaluation" and run.data.tags["kind"] == "evaluation"
+    assert client.get_experiment(run.info.experiment_id).name == "studio"
+    key = "user_study/comfusion_vs_dreambooth/all/text"
+    assert run.data.metrics[f"{key}/votes"] == 3 and run.data.metrics[f"{key}/a_win_rate"] == pytest.approx(2 / 3)
+    assert run.data.metrics["user_study/comfusion_vs_dreambooth/alpha/subject/a_win_rate"] == 1.0
+    exp = client.create_experiment("demo", artifact_location=str(tmp_path / "art"))
+    evaluation = client.create_run(exp, run_name="evaluation", tags={"kind": "evaluation"}).info.run_id
+    assert log_user_study(uri, table, V.results_csv(table), V.votes_csv(rows)) == evaluation  # the newest one
+    names = {a.path for a in client.list_artifacts(evaluation, "user_study")}
+    assert names == {"user_study/results.csv", "user_study/votes.csv"}
