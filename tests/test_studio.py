@@ -45,6 +45,10 @@ def registry(tmp_path_factory) -> Registry:
     reg.add("alpha", noise_seed=1, identifier="sks", class_noun="dog")
     reg.add("bravo", noise_seed=2, identifier="zwx", class_noun="cat")
     add_dreambooth(reg, "bravo", noise_seed=3, identifier="zwx", class_noun="cat")
+    reg.add("broken", noise_seed=4)  # its weights are damaged below: it fails to load
+    source = Path(reg.client.get_model_version_by_alias("broken", "serving").source)
+    weights = source / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
     return reg
 
 
@@ -200,7 +204,7 @@ def images(driver, css: str) -> list:
 # tests
 
 
-def test_studio_needs_a_key(app_url):
+def test_studio_needs_a_key(app_url, api_key):
     with httpx.Client(base_url=app_url, timeout=60) as http:
         page = http.get("/studio/")
         assert page.status_code == 200 and 'name="key"' in page.text  # the sign-in form, nothing else
@@ -209,6 +213,7 @@ def test_studio_needs_a_key(app_url):
         bad = http.post("/studio/login", data={"key": "cfk_not-a-key"})
         assert bad.status_code == 401 and "not valid" in bad.text
         assert http.get("/healthz").status_code == 200 and http.get("/docs").status_code == 200  # the app is as it was
+        assert http.get("/v1/subjects", headers=api_key.headers).status_code == 200
 
 
 def test_studio_generates_compares_votes_and_counts(app_url, browser, api_key):
@@ -223,6 +228,12 @@ def test_studio_generates_compares_votes_and_counts(app_url, browser, api_key):
     assert "a sks dog in the snow" in cards and "seed 0" in cards
     assert len(images(browser, "#generated img")) == 1
     shot(browser, "generate")
+
+    # a subject that fails to load: a message naming it, no stack trace
+    pick(browser, "gen-subject", "broken")
+    click(browser, "#gen-go")
+    status = wait_for(browser, "#gen-status", text="could not be rendered").text
+    assert "broken" in status and "sha256" in status and "Traceback" not in status
 
     # Compare: bravo's two versions, 15 scenes each, and both method labels
     open_tab(browser, "Compare")
