@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"""
 Ray dashboard:  http://127.0.0.1:8265
 MLflow UI:      {MLFLOW_URI}   (experiment 'demo': losses, sample images, registered subjects)
-Serve app:      {APP_URL}/docs   ("Authorize" with the key below)
+Serve app:      {APP_URL}/docs   ("Authorize" with the key below); studio: {APP_URL}/studio/ (sign in with the key)
 API key:        {key}
                 (admin key `demo`, stored hashed in {KEYS_FILE}; a new one each `make demo`;
                  more keys: python -m serve.auth create NAME --file {KEYS_FILE})

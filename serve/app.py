@@ -48,6 +48,7 @@ from serve.registry import (RegistryUnavailable, SubjectRecord, SubjectRegistry,
                             configure_mlflow_http)
 from serve.schemas import MAX_SEED, GenerateRequest, GenerateResponse, SubjectInfo, SubjectList
 from serve.settings import ServeSettings
+from serve.studio_gate import StudioMount
 
 log = logging.getLogger("ray.serve")
 api = FastAPI(title="ComFusion", version=__version__, docs_url=None, redoc_url=None,
@@ -55,6 +56,7 @@ api = FastAPI(title="ComFusion", version=__version__, docs_url=None, redoc_url=N
 add_offline_docs(api)  # /docs from the app's own files: works without internet access
 api.add_middleware(BodySizeLimit, default=ServeSettings().max_body_bytes)  # the Ingress sets its own
 AUTH = [Security(require_key)]  # every route but /healthz and the docs: `Authorization: Bearer <key>`
+api.mount("/studio", StudioMount(), name="studio")  # the Gradio studio, installed by each Ingress replica
 
 
 async def require_admin(caller: Caller = Security(require_key)) -> Caller:
@@ -360,6 +362,9 @@ class Ingress:
             log.warning("no API keys in %s (%s): every request but /healthz is refused until one is created "
                         "with `python -m serve.auth create NAME --file %s`", settings.api_keys_file,
                         api.state.keys.error or "no such file or no keys", settings.api_keys_file)
+        from serve.studio import start_studio  # gradio is imported by replicas only
+
+        self.studio = start_studio(self, api.state.keys)  # /studio: same registry, Generator and keys
 
     @api.get("/healthz")
     async def healthz(self) -> dict:

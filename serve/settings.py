@@ -16,6 +16,19 @@ def default_cache_dir() -> str:
     return str(cache_root().expanduser().resolve() / "serve")
 
 
+def _is_db_url(url: str) -> bool:
+    """'' (the default database) or a URL SQLAlchemy can parse."""
+    if not url:
+        return True
+    from sqlalchemy.engine import make_url  # noqa: PLC0415
+    from sqlalchemy.exc import ArgumentError  # noqa: PLC0415
+
+    try:
+        return bool(make_url(url).drivername)
+    except ArgumentError:
+        return False
+
+
 @dataclass(frozen=True)
 class ServeSettings:
     """What the app serves and how; every field has a default that runs the tiny model on a CPU."""
@@ -40,6 +53,7 @@ class ServeSettings:
     api_keys_file: str = field(default_factory=default_keys_file)  # hashed API keys (python -m serve.auth create)
     fault_slow_subject: str = ""  # fault injection (tests, benchmarks/faults.py): swapping this subject in
     fault_swap_delay_s: float = 0.0  # sleeps this long first, like a large model's copy (widens the cancel window)
+    votes_url: str = ""  # the studio's vote database (SQLAlchemy URL); "": sqlite <cache_dir>/../studio_votes.db
 
     def __post_init__(self):
         checks = [
@@ -60,6 +74,8 @@ class ServeSettings:
             (self.max_lookups >= 1, "max_lookups", "must be >= 1"),
             (self.cache_max_mb > 0, "cache_max_mb", "must be > 0"),
             (self.fault_swap_delay_s >= 0, "fault_swap_delay_s", "must be >= 0"),
+            (_is_db_url(self.votes_url), "votes_url", "must be empty or an SQLAlchemy URL, e.g. "
+                                                      "sqlite:////abs/votes.db or postgresql://host/db"),
         ]
         for ok, key, message in checks:
             if not ok:
