@@ -362,9 +362,18 @@ class Ingress:
             log.warning("no API keys in %s (%s): every request but /healthz is refused until one is created "
                         "with `python -m serve.auth create NAME --file %s`", settings.api_keys_file,
                         api.state.keys.error or "no such file or no keys", settings.api_keys_file)
-        from serve.studio import start_studio  # gradio is imported by replicas only
+        # /studio (same registry, Generator and keys) is built in the background: importing Gradio
+        # takes ~10 s, and the API should not wait for it (/studio answers 503 until it is ready)
+        self.studio = None
+        threading.Thread(target=self._start_studio, name="studio-start", daemon=True).start()
 
-        self.studio = start_studio(self, api.state.keys)  # /studio: same registry, Generator and keys
+    def _start_studio(self) -> None:
+        try:
+            from serve.studio import start_studio  # gradio is imported by replicas only
+
+            self.studio = start_studio(self, api.state.keys)
+        except Exception as e:  # noqa: BLE001 - the API goes on without the studio
+            log.error("studio disabled: %s: %s", type(e).__name__, e)
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
