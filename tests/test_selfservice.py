@@ -125,10 +125,10 @@ def app(head, keys, tmp_path_factory):
     path = folder / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
     out = subprocess.run([str(BIN / "serve"), "deploy", str(path), "--address", args["ray_address"]], cwd=REPO,
-                         env=head["env"], capture_output=True, text=True, timeout=300)
+                         env=head["env"], capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     url = f"http://127.0.0.1:{head['SERVE_PORT']}"
-    _wait(lambda: httpx.get(f"{url}/healthz", timeout=5).status_code == 200, 600, "the app did not come up")
+    _wait(lambda: httpx.get(f"{url}/healthz", timeout=5).status_code == 200, 900, "the app did not come up")
     return url
 
 
@@ -214,7 +214,7 @@ def test_upload_trains_and_the_new_subject_is_served(app, head, keys, photos):
         assert view["state"] not in ("failed", "cancelled"), view
         return view if view["state"] == "done" else None
 
-    view = _wait(done, 900, f"job {job_id} did not finish", every=1.0)
+    view = _wait(done, 1500, f"job {job_id} did not finish", every=1.0)
     method = view["methods"]["comfusion"]
     assert (method["step"], method["total"], method["state"]) == (STEPS, STEPS, "done"), view
     assert set(method["losses"]) >= {"total", "instance", "class_scene"} and view["error"] is None
