@@ -225,6 +225,8 @@ class JobSection:
     schedule_timeout_s: float = 300.0  # give up (naming what holds the cluster) when nothing fits this long
     progress_every_s: float = 15.0  # a progress line per training run at most this often
     mlflow_outage_s: float = 600.0  # a training run rides out an MLflow outage this long; longer ones fail it
+    metrics_every_s: float = 5.0  # per-step metrics reach MLflow at least this often while a run trains (0: at checkpoints only)
+    system_metrics: bool = True  # MLflow system metrics (CPU, memory, GPU) on each training run
 
     def __post_init__(self):
         _check(isinstance(self.name, str) and JOB_NAME_PATTERN.fullmatch(self.name) is not None, "name",
@@ -241,6 +243,7 @@ class JobSection:
         _check(self.schedule_timeout_s > 0, "schedule_timeout_s", "must be > 0")
         _check(self.progress_every_s > 0, "progress_every_s", "must be > 0")
         _check(self.mlflow_outage_s > 0, "mlflow_outage_s", "must be > 0 seconds")
+        _check(self.metrics_every_s >= 0, "metrics_every_s", "must be >= 0 seconds (0: at checkpoints only)")
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,7 @@ def deploy_app(job_cfg) -> None:
     # the subjects' base model, not serve.yaml's default: their weights only fit the model they came from
     app["args"].update(**serving_base(job_cfg.model), tracking_uri=MLFLOW_URI,
                        cache_dir=str(STORAGE / "serve-cache"), default_steps=job_cfg.sampler.steps,
-                       api_keys_file=str(KEYS_FILE))
+                       api_keys_file=str(KEYS_FILE), job_storage=str(STORAGE))  # POST /v1/subjects trains here
     app["runtime_env"] = {"env_vars": job_env_vars()}
     path = STORAGE / "run" / "serve-demo.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -10,6 +10,7 @@ has lasted `job.mlflow_outage_s`, so a blip never spends one of Ray Train's `max
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -137,33 +138,46 @@ class PatientClient:
 class RunLogger:
     """Training callbacks that log into one MLflow run from inside a worker.
 
-    Per-step losses are buffered and written just before a checkpoint is reported. A worker
-    that dies and resumes from its last checkpoint recomputes the same steps (resume is exact),
-    and steps already in the run are not logged again, so no step appears twice. MLflow calls
-    go through `PatientClient`: an outage shorter than `outage_s` only delays the flush.
+    Per-step losses are buffered and written just before a checkpoint is reported, and, with
+    `live_every_s` > 0, by a background thread every `live_every_s` seconds, so the run's curves
+    grow while it trains. A worker that dies and resumes from its last checkpoint recomputes the
+    same steps (resume is exact), and steps already in the run are not logged again, so no step
+    appears twice. MLflow calls go through `PatientClient`: an outage shorter than `outage_s` only
+    delays the flush; the training loop never waits on the live flush (only on a checkpoint's).
     """
 
-    def __init__(self, uri: str, run_id: str, outage_s: float = JobSection.mlflow_outage_s):
+    def __init__(self, uri: str, run_id: str, outage_s: float = JobSection.mlflow_outage_s,
+                 live_every_s: float = 0.0):
         self.client, self.run_id = PatientClient(MlflowClient(uri), outage_s), run_id
         self.pending: list[Metric] = []
         self.logged_until = self._last_logged_step()
+        self._lock = threading.Lock()  # guards `pending` and `logged_until` (the step loop appends)
+        self._sending = threading.Lock()  # one flush at a time: the live thread's or a checkpoint's
+        self._stop = threading.Event()
+        self._live = None
+        if live_every_s > 0:
+            self._live = threading.Thread(target=self._flush_every, args=(live_every_s,), daemon=True,
+                                          name=f"mlflow-live-{run_id[:8]}")
+            self._live.start()
 
     def _last_logged_step(self) -> int:
         history = self.client.get_metric_history(self.run_id, "loss/total")
         return max((m.step for m in history), default=0)
 
     def on_step(self, step: int, terms: dict[str, float], lr: float) -> None:
-        if step <= self.logged_until:
-            return
-        ts = int(time.time() * 1000)
-        self.pending += [Metric(f"loss/{k}", float(terms.get(k, 0.0)), ts, step) for k in LOSS_KEYS]
-        self.pending.append(Metric("lr", float(lr), ts, step))
+        with self._lock:
+            if step <= self.logged_until:
+                return
+            ts = int(time.time() * 1000)
+            self.pending += [Metric(f"loss/{k}", float(terms.get(k, 0.0)), ts, step) for k in LOSS_KEYS]
+            self.pending.append(Metric("lr", float(lr), ts, step))
 
     def on_grad_norms(self, step: int, norms: dict[str, float]) -> None:
         """Per-term gradient norms (`train.grad_norm_every`), buffered like the losses."""
-        if step > self.logged_until:
-            ts = int(time.time() * 1000)
-            self.pending += [Metric(f"grad_norm/{k}", float(v), ts, step) for k, v in norms.items()]
+        with self._lock:
+            if step > self.logged_until:
+                ts = int(time.time() * 1000)
+                self.pending += [Metric(f"grad_norm/{k}", float(v), ts, step) for k, v in norms.items()]
 
     def on_validation(self, step: int, images: dict[str, np.ndarray]) -> None:
         for scene, image in images.items():
@@ -175,26 +189,49 @@ class RunLogger:
         Before a retry the run's last logged step is read again and the steps already there are
         dropped: a batch whose answer was lost is not written twice.
         """
-        while self.pending:
-            self.client.call(self._send_batch, on_retry=self._drop_logged)
+        with self._sending:
+            while self.pending:
+                self.client.call(self._send_batch, on_retry=self._drop_logged)
+
+    def _flush_every(self, every_s: float) -> None:
+        """The live thread: flush every `every_s` seconds until `close()`; an outage longer than
+        `outage_s` is left to the next checkpoint's flush, which fails the run if it persists."""
+        while not self._stop.wait(every_s):
+            try:
+                self.flush()
+            except Exception as e:  # noqa: BLE001 - the checkpoint flush reports what persists
+                print(f"[mlflow] live metrics of run {self.run_id[:8]} not sent ({type(e).__name__}); "
+                      "kept for the next flush", flush=True)
+
+    def close(self) -> None:
+        """Stop the live thread (buffered steps stay for `flush` / `finish`)."""
+        self._stop.set()
+        if self._live is not None:
+            self._live.join(timeout=60)
 
     def _send_batch(self) -> None:
         """Send whole steps, at most 900 metrics (MLflow's batch limit is 1000)."""
-        steps = sorted({m.step for m in self.pending})
-        n = sum(1 for m in self.pending if m.step == steps[0])
-        for step in steps[1:]:
-            more = sum(1 for m in self.pending if m.step == step)
-            if n + more > 900:
-                break
-            n += more
-        batch = self.pending[:n]
+        with self._lock:
+            if not self.pending:  # a retry found every step already logged
+                return
+            steps = sorted({m.step for m in self.pending})
+            n = sum(1 for m in self.pending if m.step == steps[0])
+            for step in steps[1:]:
+                more = sum(1 for m in self.pending if m.step == step)
+                if n + more > 900:
+                    break
+                n += more
+            batch = self.pending[:n]
         self.client.client.log_batch(self.run_id, metrics=batch)
-        self.pending = self.pending[n:]
-        self.logged_until = max(m.step for m in batch)
+        with self._lock:  # the step loop only appends, so the batch is still the first n
+            self.pending = self.pending[n:]
+            self.logged_until = max(self.logged_until, max(m.step for m in batch))
 
     def _drop_logged(self) -> None:
-        self.logged_until = max(self.logged_until, self._last_logged_step())
-        self.pending = [m for m in self.pending if m.step > self.logged_until]
+        last = self._last_logged_step()
+        with self._lock:
+            self.logged_until = max(self.logged_until, last)
+            self.pending = [m for m in self.pending if m.step > self.logged_until]
 
     def finish(self, checkpoint: Path, subject_id: str, method: str, metrics: dict[str, float]) -> int:
         """Log the final metrics, then log and register the subject checkpoint; returns the model version.

@@ -26,7 +26,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key, e.g. --set train.steps=400 (repeatable)")
     ap.add_argument("--address", default=None, help="Ray address (default: the job's cluster, or a local one)")
-    return ap.parse_args(argv)
+    ap.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                    help="an MLflow tag set on every run of this job, reused runs included (repeatable)")
+    args = ap.parse_args(argv)
+    bad = [t for t in args.tag if "=" not in t or not t.split("=", 1)[0].strip()]
+    if bad:
+        ap.error(f"--tag {bad[0]!r}: must look like KEY=VALUE")
+    return args
+
+
+def parse_tags(items: list[str]) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in items)
 
 
 def check_subjects(cfg) -> tuple[list, dict[str, list[str]]]:
@@ -67,12 +77,13 @@ def run_key(cfg, subject) -> str:
     return h.hexdigest()[:16]
 
 
-def plan_runs(cfg, subjects, priors: dict, storage: Path, use_gpu: bool) -> tuple[list, list[dict]]:
+def plan_runs(cfg, subjects, priors: dict, storage: Path, use_gpu: bool,
+              tags: dict[str, str] | None = None) -> tuple[list, list[dict]]:
     """One SubjectRun per (subject, method) still to train, and a summary row per one already done.
 
     A run with the same `run_key` in the job's experiment is reused: finished and registered, it is
     not trained again; unfinished (a driver or cluster that died), it resumes from its last Ray
-    Train checkpoint and logs into the same MLflow run.
+    Train checkpoint and logs into the same MLflow run. `tags` are set on every run, reused or not.
     """
     from mlflow import MlflowClient  # noqa: PLC0415
 
@@ -90,6 +101,8 @@ def plan_runs(cfg, subjects, priors: dict, storage: Path, use_gpu: bool) -> tupl
             c = cfg.replace(method=method, **{"job.storage": str(storage)})
             key = run_key(c, s)
             earlier = _earlier_run(client, exp, key)
+            for k, v in (tags or {}).items() if earlier is not None else ():
+                client.set_tag(earlier.info.run_id, k, v)
             if earlier is not None and _finished(client, earlier):
                 done.append(_reused_row(client, earlier, s.id, method))
                 continue
@@ -99,8 +112,9 @@ def plan_runs(cfg, subjects, priors: dict, storage: Path, use_gpu: bool) -> tupl
                 print(f"{s.id} · {method}: resuming run {run_id} (same config and photos)", flush=True)
             else:
                 run_id = create_run(client, exp, c, s.id, s.class_noun, s.identifier)
-                client.set_tag(run_id, RUN_KEY_TAG, key)
-                client.set_tag(run_id, SCENES_TAG, ", ".join(s.scenes)[:5000])  # params hold the job's data.scenes
+                scenes = ", ".join(s.scenes)[:5000]  # params hold the job's data.scenes
+                for k, v in {RUN_KEY_TAG: key, SCENES_TAG: scenes, **(tags or {})}.items():
+                    client.set_tag(run_id, k, v)
             runs.append(SubjectRun(cfg=c, spec=spec_of[s.id], run_id=run_id, tracking_uri=uri,
                                    priors_dir=priors[(tuple(s.scenes), s.class_noun, method)],
                                    checkpoint_dir=str(storage / "checkpoints" / cfg.job.name / s.id / method / run_id),
@@ -209,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             use_gpu = uses_gpu(cfg)
             priors = make_all_priors(cfg, subjects, storage)
-            runs, done = plan_runs(cfg, subjects, priors, storage, use_gpu)
+            runs, done = plan_runs(cfg, subjects, priors, storage, use_gpu, parse_tags(args.tag))
             rows = (train_all(cfg, runs, storage, use_gpu) if runs else []) + done + rows
         except (NoRoomError, ConfigError) as e:
             print(f"error: {e}", file=sys.stderr)

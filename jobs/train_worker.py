@@ -125,12 +125,10 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def _train_subject(run: SubjectRun) -> None:
-    import ray.train.torch  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
     from comfusion.data import check_subject  # noqa: PLC0415
     from comfusion.priors import read_priors  # noqa: PLC0415
-    from comfusion.train import SubjectTrainer  # noqa: PLC0415
     from jobs.tracking import RunLogger  # noqa: PLC0415
 
     cfg = run.cfg
@@ -138,9 +136,25 @@ def _train_subject(run: SubjectRun) -> None:
         torch.set_num_threads(max(1, int(cfg.job.cpus_per_trainer)))
     subject = check_subject(run.spec, cfg.data, cfg.model.resolution)
     priors = read_priors(run.priors_dir)
-    logger = RunLogger(run.tracking_uri, run.run_id, outage_s=cfg.job.mlflow_outage_s)
+    logger = RunLogger(run.tracking_uri, run.run_id, outage_s=cfg.job.mlflow_outage_s,
+                       live_every_s=cfg.job.metrics_every_s)
     # which process trains this run, for operators (and the fault test)
     logger.client.set_tag(run.run_id, "worker", f"{socket.gethostname()}:{os.getpid()}")
+    monitor = _system_metrics(run)
+    try:
+        _fit_and_publish(run, subject, priors, logger)
+    finally:
+        logger.close()
+        if monitor is not None:
+            monitor.finish()
+
+
+def _fit_and_publish(run: SubjectRun, subject, priors, logger) -> None:
+    import ray.train.torch  # noqa: PLC0415
+
+    from comfusion.train import SubjectTrainer  # noqa: PLC0415
+
+    cfg = run.cfg
     trainer = SubjectTrainer(cfg, subject, priors, device=ray.train.torch.get_device(),
                              callbacks=[logger, _Reporter(logger),
                                         _Progress(f"{run.spec.id} · {cfg.method}", cfg.train.steps,
@@ -158,6 +172,24 @@ def _train_subject(run: SubjectRun) -> None:
     logger.client.set_terminated(run.run_id, status="FINISHED")
     ray.train.report({"step": trainer.step, "final_loss": final.get("loss/total", float("nan")),
                       "checkpoint_dir": str(folder), "model_version": version})
+
+
+def _system_metrics(run: SubjectRun):
+    """MLflow's system metrics (CPU, memory, disk, network, GPU) sampled into the run while it
+    trains (`job.system_metrics`); None when off or when MLflow cannot start the monitor."""
+    if not run.cfg.job.system_metrics:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: PLC0415
+
+    every = run.cfg.job.metrics_every_s or 10.0
+    try:
+        monitor = SystemMetricsMonitor(run.run_id, sampling_interval=every, resume_logging=True,
+                                       tracking_uri=run.tracking_uri)
+        monitor.start()
+        return monitor
+    except Exception as e:  # noqa: BLE001 - system metrics are a convenience; training goes on
+        say(f"[{run.name}] no system metrics ({type(e).__name__}: {e})")
+        return None
 
 
 def one_line(e: BaseException) -> str:
@@ -222,5 +254,46 @@ def _mlflow(run: SubjectRun):
 
 
 def tune_trial(config: dict, runs: list[SubjectRun]) -> None:
-    """A Tune trial: one (subject, method) — Tune runs as many at once as there is room for."""
-    ray.tune.report(fit_subject(runs[config["index"]]))
+    """A Tune trial: one (subject, method) — Tune runs as many at once as there is room for.
+
+    While the TorchTrainer fits (in a thread), the trial reports the run's latest step and loss
+    as MLflow has them every `job.metrics_every_s`, so Tune's progress table shows them live; the
+    last report is the run's summary (`train_many.train_all` reads its `status`).
+    """
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    run = runs[config["index"]]
+    every = run.cfg.job.metrics_every_s or run.cfg.job.progress_every_s
+    with ThreadPoolExecutor(1, thread_name_prefix="fit") as pool:
+        fitting = pool.submit(fit_subject, run)
+        seen = None
+        while not _done_within(fitting, every):
+            live = _latest_step(run)
+            if live is not None and live != seen:
+                seen = live
+                ray.tune.report({"step": live[0], "loss": live[1], "of": run.cfg.train.steps})
+        summary = fitting.result()
+    last = _latest_step(run) or (summary.get("steps") or 0, summary.get("final_loss"))
+    ray.tune.report({"step": last[0], "loss": last[1], "of": run.cfg.train.steps, **summary})
+
+
+def _done_within(future, seconds: float) -> bool:
+    from concurrent.futures import TimeoutError as FutureTimeout  # noqa: PLC0415
+
+    try:
+        future.exception(timeout=seconds)
+        return True
+    except FutureTimeout:
+        return False
+
+
+def _latest_step(run: SubjectRun) -> tuple[int, float] | None:
+    """(step, total loss) of the run's last logged step, or None (none yet, or MLflow not answering)."""
+    try:
+        history = _mlflow(run).client.get_metric_history(run.run_id, "loss/total")
+    except Exception:  # noqa: BLE001 - a progress line is skipped, nothing else
+        return None
+    if not history:
+        return None
+    last = max(history, key=lambda m: m.step)
+    return int(last.step), float(last.value)

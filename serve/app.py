@@ -49,6 +49,7 @@ from serve.registry import (RegistryUnavailable, SubjectRecord, SubjectRegistry,
 from serve.schemas import MAX_SEED, GenerateRequest, GenerateResponse, SubjectInfo, SubjectList
 from serve.settings import ServeSettings
 from serve.studio_gate import StudioMount
+from serve import selfservice
 
 log = logging.getLogger("ray.serve")
 api = FastAPI(title="ComFusion", version=__version__, docs_url=None, redoc_url=None,
@@ -57,6 +58,7 @@ add_offline_docs(api)  # /docs from the app's own files: works without internet 
 api.add_middleware(BodySizeLimit, default=ServeSettings().max_body_bytes)  # the Ingress sets its own
 AUTH = [Security(require_key)]  # every route but /healthz and the docs: `Authorization: Bearer <key>`
 api.mount("/studio", StudioMount(), name="studio")  # the Gradio studio, installed by each Ingress replica
+api.include_router(selfservice.router)  # POST /v1/subjects, /v1/jobs: self-service training (Ray jobs)
 
 
 async def require_admin(caller: Caller = Security(require_key)) -> Caller:
@@ -358,6 +360,7 @@ class Ingress:
         self.tokenizer = load_tokenizer(settings.base, settings.preset_seed)
         api.state.max_body_bytes = settings.max_body_bytes  # read by BodySizeLimit
         api.state.keys = KeyStore(settings.api_keys_file)  # read by require_key; reloaded when the file changes
+        selfservice.install(api, settings)  # the training routes' state and the upload size limit
         if api.state.keys.count == 0:
             log.warning("no API keys in %s (%s): every request but /healthz is refused until one is created "
                         "with `python -m serve.auth create NAME --file %s`", settings.api_keys_file,

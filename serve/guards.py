@@ -81,8 +81,9 @@ class BodySizeLimit:
     """ASGI middleware: a body over the limit gets a 413 before it is read whole.
 
     A declared `Content-Length` is checked first; a chunked body is counted as it arrives. The
-    limit is the app's `state.max_body_bytes` when set (the Serve ingress sets it from its
-    settings, which arrive after import), else `default`.
+    limit is the app's `state.body_limits[path]` for a route with its own, else its
+    `state.max_body_bytes` when set (the Serve ingress sets both from its settings, which arrive
+    after import), else `default`.
     """
 
     def __init__(self, app, default: int):
@@ -91,7 +92,9 @@ class BodySizeLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = getattr(getattr(scope.get("app"), "state", None), "max_body_bytes", None) or self.default
+        state = getattr(scope.get("app"), "state", None)
+        per_route = getattr(state, "body_limits", None) or {}  # e.g. photo uploads: {"/v1/subjects": 20 MiB}
+        limit = per_route.get(scope.get("path")) or getattr(state, "max_body_bytes", None) or self.default
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             return await _refuse(send, limit)

@@ -29,6 +29,10 @@ def _is_db_url(url: str) -> bool:
         return False
 
 
+def default_job_storage() -> str:
+    return str(cache_root().expanduser().resolve() / "storage")
+
+
 @dataclass(frozen=True)
 class ServeSettings:
     """What the app serves and how; every field has a default that runs the tiny model on a CPU."""
@@ -54,6 +58,15 @@ class ServeSettings:
     fault_slow_subject: str = ""  # fault injection (tests, benchmarks/faults.py): swapping this subject in
     fault_swap_delay_s: float = 0.0  # sleeps this long first, like a large model's copy (widens the cancel window)
     votes_url: str = ""  # the studio's vote database (SQLAlchemy URL); "": sqlite <cache_dir>/../studio_votes.db
+    # self-service training (POST /v1/subjects, /v1/jobs): serve/selfservice.py
+    ray_address: str = "http://127.0.0.1:8265"  # the Ray dashboard (job API) trainings are submitted to
+    ray_token_file: str = ""  # Ray's auth token for it; "": $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token (if present)
+    job_storage: str = field(default_factory=default_job_storage)  # uploaded photos, job configs, the job's storage
+    train_config: str = "configs/demo.yaml"  # the job config uploads train with (relative: to the repository)
+    max_upload_bytes: int = 20 * 2**20  # a POST /v1/subjects body larger than this gets a 413
+    max_photos: int = 5  # photos per subject (at most the manifest's 5)
+    max_trainings_per_key: int = 2  # one key's trainings queued or running at once; more get a 429
+    max_train_steps: int = 2000  # the most training steps a client may ask for
 
     def __post_init__(self):
         checks = [
@@ -76,6 +89,13 @@ class ServeSettings:
             (self.fault_swap_delay_s >= 0, "fault_swap_delay_s", "must be >= 0"),
             (_is_db_url(self.votes_url), "votes_url", "must be empty or an SQLAlchemy URL, e.g. "
                                                       "sqlite:////abs/votes.db or postgresql://host/db"),
+            (self.ray_address.startswith(("http://", "https://")), "ray_address", "must be the dashboard's http(s) URL"),
+            (bool(self.job_storage.strip()), "job_storage", "must be a folder"),
+            (bool(self.train_config.strip()), "train_config", "must name a job config YAML"),
+            (self.max_upload_bytes >= 1024, "max_upload_bytes", "must be >= 1024"),
+            (1 <= self.max_photos <= 5, "max_photos", "must be in 1..5"),
+            (self.max_trainings_per_key >= 1, "max_trainings_per_key", "must be >= 1"),
+            (self.max_train_steps >= 1, "max_train_steps", "must be >= 1"),
         ]
         for ok, key, message in checks:
             if not ok:
