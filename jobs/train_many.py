@@ -14,9 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any folder
 
-from comfusion.config import ConfigError, dump_config, load_config  # noqa: E402
+from comfusion.config import ConfigError, load_config, to_dict  # noqa: E402
 from comfusion.data import format_subject_errors, validate_subjects  # noqa: E402
 
 
@@ -66,12 +68,21 @@ def make_all_priors(cfg, subjects, storage: Path) -> dict:
     return folders
 
 
+# Config parts that do not change what a (subject, method) run trains: the job's operational
+# settings, evaluation, and the manifest's other subjects, its folder and path rules.
+_NOT_TRAINING = ("job", "eval")
+_NOT_TRAINING_DATA = ("subjects", "root", "allow_absolute_paths", "scenes")
+
+
 def run_key(cfg, subject) -> str:
-    """What makes two (subject, method) trainings the same: the whole config (method set; the
-    subject's scenes are in it, its own in its `data.subjects` entry, else `data.scenes`), the
-    subject's texts and its photos, by content. A resubmitted job finds its runs by this key."""
-    h = hashlib.sha256(dump_config(cfg).encode())
-    h.update(f"{subject.id}|{subject.identifier}|{subject.class_noun}".encode())
+    """What makes two (subject, method) trainings the same, so a resubmitted job finds its runs:
+    everything that changes what trains (model, data checks, sampler, priors, losses, training,
+    method), the subject's texts and scenes, and its photos by content. Adding a subject to the
+    manifest, moving the storage or changing how the job runs keeps every key."""
+    identity = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_TRAINING}
+    identity["data"] = {k: v for k, v in identity["data"].items() if k not in _NOT_TRAINING_DATA}
+    h = hashlib.sha256(yaml.safe_dump(identity, sort_keys=True).encode())
+    h.update("|".join([subject.id, subject.identifier, subject.class_noun, *subject.scenes]).encode())
     for path in subject.image_paths:
         h.update(hashlib.sha256(Path(path).read_bytes()).digest())
     return h.hexdigest()[:16]

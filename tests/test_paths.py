@@ -135,13 +135,12 @@ def test_serve_cache_removal_leaves_only_entries_clean_stale_knows(tmp_path, mon
     assert temp_sibling(folder).parent == folder.parent
 
 
-def test_run_key_keeps_its_value_and_still_tells_scenes_apart(tmp_path):
-    """A subject on the job's scenes gets the key it had when the run config carried the scenes
-    (a resubmitted job still finds its runs); a subject's own scenes still change the key."""
-    import hashlib
+def test_run_key_is_what_trains_not_how_the_job_runs(tmp_path):
+    """A resubmitted job finds its runs: the key ignores the job's operational settings, the other
+    subjects of the manifest and where storage is; the subject's scenes, photos, method and every
+    training setting change it."""
     from types import SimpleNamespace
 
-    from comfusion.config import dump_config
     from jobs.train_many import run_key
 
     photo = tmp_path / "a.png"
@@ -150,11 +149,15 @@ def test_run_key_keeps_its_value_and_still_tells_scenes_apart(tmp_path):
     cfg = from_dict({"data": {"scenes": SCENES, "subjects": [spec]}}).replace(method="comfusion")
     subject = SimpleNamespace(id="ball", identifier="sks", class_noun="ball", image_paths=(str(photo),),
                               scenes=tuple(SCENES))
-    old = hashlib.sha256(dump_config(cfg.replace(**{"data.scenes": list(subject.scenes)})).encode())
-    old.update(b"ball|sks|ball")
-    old.update(hashlib.sha256(b"photo").digest())
-    assert run_key(cfg, subject) == old.hexdigest()[:16]
-    own = from_dict({"data": {"scenes": SCENES, "subjects": [{**spec, "scenes": ["on the sofa"]}]}})
-    mine = SimpleNamespace(**{**vars(subject), "scenes": ("on the sofa",)})
-    assert run_key(own.replace(method="comfusion"), mine) != run_key(cfg, subject)
-    assert run_key(own.replace(method="comfusion"), mine) == run_key(own.replace(method="comfusion"), mine)
+    key = run_key(cfg, subject)
+    other = {"id": "box", "images": [str(photo)], "class_noun": "box"}
+    same = cfg.replace(**{"job.storage": "/elsewhere", "job.tracking_uri": "http://m:5000", "job.max_failures": 7,
+                          "job.progress_every_s": 1.0, "eval.images_per_prompt": 2,
+                          "data.subjects": [spec, other], "data.root": str(tmp_path)})
+    assert run_key(same, subject) == key
+    assert run_key(cfg.replace(**{"train.lr": 2e-4}), subject) != key
+    assert run_key(cfg.replace(method="dreambooth"), subject) != key
+    assert run_key(cfg, SimpleNamespace(**{**vars(subject), "scenes": ("on the sofa",)})) != key
+    photo.write_bytes(b"another photo")
+    assert run_key(cfg, subject) != key
+

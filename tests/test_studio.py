@@ -91,7 +91,12 @@ def app_url(registry, api_key):
                    ingress_options=dict(num_replicas=1, ray_actor_options={"num_cpus": 0.25}))
     try:
         serve.run(app, name="comfusion", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300  # the replica builds the studio in the background (Gradio's import)
+        while (r := httpx.get(f"{url}/studio/", timeout=60)).status_code == 503:
+            assert r.headers.get("retry-after") and time.monotonic() < deadline, "the studio did not start"
+            time.sleep(1)
+        yield url
     finally:
         serve.shutdown()
         ray.shutdown()
