@@ -32,6 +32,9 @@ from comfusion.fsutil import atomic_dir, sha256_file  # noqa: F401  (sha256_file
 META_FILE = "subject.json"
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 TEXT_WEIGHTS = "text_encoder/model.safetensors"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # a LoRA subject (comfusion.lora), diffusers' file name
+KINDS = ("full", "lora")
+REQUIRED_FILES = {"full": (UNET_WEIGHTS, TEXT_WEIGHTS), "lora": (LORA_WEIGHTS,)}
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -66,11 +69,15 @@ class SubjectMeta:
     metrics: dict = field(default_factory=dict)  # final metrics, name -> float
     dtype: str = "fp16"  # dtype of the stored weights: "fp16" or "fp32"
     files: dict = field(default_factory=dict)  # relative path -> sha256 hex; filled on save
+    kind: str = "full"  # "full": unet/ + text_encoder/ folders; "lora": diffusers' LoRA file (comfusion.lora)
+    lora: dict = field(default_factory=dict)  # kind "lora": rank, alpha, unet_targets, text_encoder_targets
 
     def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {list(KINDS)}, got {self.kind!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        for name in ("config", "metrics", "files"):
+        for name in ("config", "metrics", "files", "lora"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name} must be a dict, got {type(getattr(self, name)).__name__}")
         object.__setattr__(self, "metrics", {str(k): float(v) for k, v in self.metrics.items()})
@@ -154,7 +161,7 @@ def verify_checkpoint(folder: str | Path) -> SubjectMeta:
     if not folder.is_dir():
         raise CheckpointError(folder, ".", "no such checkpoint folder")
     meta = _read_meta(folder)
-    for rel in (UNET_WEIGHTS, TEXT_WEIGHTS):
+    for rel in REQUIRED_FILES[meta.kind]:
         if rel not in meta.files:
             raise CheckpointError(folder, META_FILE, f"does not list {rel}")
     root = folder.resolve()
@@ -184,6 +191,8 @@ def read_subject_weights(folder: str | Path, *, device: str | torch.device = "cp
     """Verify, then read the UNet and text-encoder state dicts (cast to `dtype` when given)."""
     folder = Path(folder)
     meta = verify_checkpoint(folder)
+    if meta.kind != "full":
+        raise CheckpointError(folder, META_FILE, f"is a {meta.kind} subject, not full weights (see comfusion.lora)")
 
     def read(rel: str) -> dict[str, torch.Tensor]:
         state = load_file(folder / rel, device=str(device))
