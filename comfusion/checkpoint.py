@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
@@ -199,6 +201,20 @@ def read_subject_weights(folder: str | Path, *, device: str | torch.device = "cp
         return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state.items()}
 
     return read(UNET_WEIGHTS), read(TEXT_WEIGHTS), meta
+
+
+def checkpoint_sizes(folder: str | Path) -> dict[str, float]:
+    """Size figures of a verified checkpoint of either kind, for logging: bytes of its weight
+    files and the number of values they hold (for a LoRA subject: the adapter parameters)."""
+    folder = Path(folder)
+    meta = verify_checkpoint(folder)
+    weights = [folder / rel for rel in meta.files if rel.endswith(".safetensors")]
+    values = 0
+    for path in weights:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                values += math.prod(f.get_slice(key).get_shape())
+    return {"checkpoint/bytes": float(sum(p.stat().st_size for p in weights)), "checkpoint/params": float(values)}
 
 
 # ---------------------------------------------------------------------------------------

@@ -18,14 +18,15 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, recurse_remove_peft_layers
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from comfusion.checkpoint import DTYPES, LORA_WEIGHTS, META_FILE, SubjectMeta, verify_checkpoint
+from comfusion.checkpoint import (DTYPES, LORA_WEIGHTS, META_FILE, SubjectMeta, load_subject_weights_,
+                                  read_subject_weights, snapshot_weights, verify_checkpoint)
 from comfusion.config import LoraSettings
 from comfusion.fsutil import atomic_dir, sha256_file
 
@@ -223,16 +224,85 @@ def _pipeline(components: dict) -> StableDiffusionPipeline:
                                    feature_extractor=None, requires_safety_checker=False)
 
 
-def lora_sizes(folder: str | Path) -> dict[str, float]:
-    """Size figures of a LoRA subject for logging: file bytes and adapter parameter count."""
-    path = Path(folder) / LORA_WEIGHTS
-    with safe_open(path, framework="pt") as f:
-        params = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
-    return {"adapter/bytes": float(path.stat().st_size), "adapter/params": float(params)}
+def unload_lora(components: dict) -> None:
+    """Remove every adapter and PEFT layer: the UNet and text encoder are the plain modules again
+    (their state dicts have the base keys, so full subjects load into them)."""
+    unet, text_encoder = components["unet"], components["text_encoder"]
+    if getattr(unet, "peft_config", None):
+        unet.unload_lora()
+    if any(isinstance(m, BaseTunerLayer) for m in text_encoder.modules()):
+        recurse_remove_peft_layers(text_encoder)
+    if hasattr(text_encoder, "peft_config"):
+        del text_encoder.peft_config
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
+# ---------------------------------------------------------------------------------------
+# one subject at a time in one base model
+
+
+ACTIVE = "subject"  # the adapter name a SubjectSlot loads LoRA subjects under
+
+
+class SubjectSlot:
+    """Puts one subject at a time, full or LoRA, into one set of base components.
+
+    A full subject's weights are copied in place (`load_subject_weights_`); the base weights are
+    snapshotted (host memory) before the first full subject replaces them, and restored before a
+    LoRA subject is activated. A LoRA subject is one adapter named `ACTIVE`: the next LoRA subject
+    with the same UNet rank, alpha and targets is hot-swapped into it (diffusers' `hotswap`), any
+    other replaces it (delete, load). `current` names what is in the components (None: the base).
+    """
+
+    def __init__(self, components: dict):
+        self.components = components
+        self.current: str | None = None
+        self._base: tuple[dict, dict] | None = None  # the base weights, once a full subject displaced them
+        self._full_in = False  # a full subject's weights are in the modules
+        self._adapter_shape: tuple | None = None  # (rank, alpha, unet targets) of the loaded adapter
+
+    def use_full(self, key: str, state: tuple) -> None:
+        """Copy a full subject's `(unet_state, text_state, ...)` in place."""
+        if self.current == key:
+            return
+        self.current = None  # unknown until the copy completes
+        if self._adapter_shape is not None:
+            unload_lora(self.components)
+            self._adapter_shape = None
+        if self._base is None:
+            self._base = snapshot_weights(self.components)
+        self._full_in = True
+        load_subject_weights_(self.components, state)
+        self.current = key
+
+    def use_lora(self, key: str, weights: LoraWeights) -> None:
+        """Activate a LoRA subject (on the base weights)."""
+        if self.current == key:
+            return
+        self.current = None
+        if self._full_in:
+            load_subject_weights_(self.components, self._base)
+            self._full_in = False
+        shape = _unet_shape(weights)
+        hotswap = shape == self._adapter_shape
+        if self._adapter_shape is not None and not hotswap:
+            unload_lora(self.components)
+        self._adapter_shape = None  # unknown while loading
+        activate_lora(self.components, weights, ACTIVE, hotswap=hotswap)
+        self._adapter_shape = shape
+        self.current = key
+
+    def use_folder(self, folder: str | Path, dtype: torch.dtype | None = None) -> SubjectMeta:
+        """Read a verified checkpoint of either kind and put it in; returns its metadata."""
+        meta = verify_checkpoint(folder)
+        if meta.kind == "lora":
+            self.use_lora(str(folder), read_lora_subject(folder, dtype=dtype))
+        else:
+            self.use_full(str(folder), read_subject_weights(folder, dtype=dtype))
+        return meta
+
+
+def _unet_shape(weights: LoraWeights) -> tuple:
+    """What must match for a UNet hot-swap: rank, alpha and the adapted modules."""
+    unet_keys = tuple(sorted(k for k in weights.state if k.startswith("unet.")))
+    lora = weights.meta.lora
+    return lora.get("rank"), lora.get("alpha"), unet_keys

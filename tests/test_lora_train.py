@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from comfusion.checkpoint import LORA_WEIGHTS, CheckpointError, read_subject_weights, verify_checkpoint
+from comfusion.checkpoint import (LORA_WEIGHTS, CheckpointError, checkpoint_sizes, read_subject_weights,
+                                  verify_checkpoint)
 from comfusion.config import ConfigError, JobConfig, from_dict
-from comfusion.lora import lora_sizes
 from comfusion.train import SubjectTrainer
 from test_train import class_priors, photos, priors, subject  # noqa: F401  (fixtures)
 from test_train import make_cfg as full_cfg
@@ -131,8 +131,9 @@ def test_publish_writes_a_lora_subject(run4, tmp_path):
     state = load_file(folder / LORA_WEIGHTS)
     assert {k.split(".")[0] for k in state} == {"unet", "text_encoder"}
     assert all(v.dtype == torch.float16 for v in state.values())
-    sizes = lora_sizes(folder)
-    assert sizes["adapter/params"] == sum(p.numel() for p in trainer.trainable)
+    sizes = checkpoint_sizes(folder)
+    assert sizes["checkpoint/params"] == sum(p.numel() for p in trainer.trainable)
+    assert sizes["checkpoint/bytes"] == (folder / LORA_WEIGHTS).stat().st_size
     with pytest.raises(CheckpointError, match="lora subject, not full"):
         read_subject_weights(folder)
     (folder / LORA_WEIGHTS).write_bytes(b"broken")
