@@ -55,6 +55,10 @@ class ServeSettings:
     cache_max_mb: float = 20000.0  # disk cache bound; least recently used subject versions go first
     fault_slow_subject: str = ""  # fault injection (tests, benchmarks/faults.py): swapping this subject in
     fault_swap_delay_s: float = 0.0  # sleeps this long first, like a large model's copy (widens the cancel window)
+    max_adapters_per_replica: int = 1000  # LoRA subjects a replica keeps in host memory (LRU; a few MB each)
+    adapter_cache_mb: float = 8192.0  # and at most this many MB of them
+    max_batch_size: int = 8  # same-subject requests rendered in one sampler call (1: no batching)
+    batch_wait_s: float = 0.01  # how long a request waits for others of its subject to join its batch
 
     def __post_init__(self):
         checks = [
@@ -74,6 +78,10 @@ class ServeSettings:
             (self.max_lookups >= 1, "max_lookups", "must be >= 1"),
             (self.cache_max_mb > 0, "cache_max_mb", "must be > 0"),
             (self.fault_swap_delay_s >= 0, "fault_swap_delay_s", "must be >= 0"),
+            (self.max_adapters_per_replica >= 1, "max_adapters_per_replica", "must be >= 1"),
+            (self.adapter_cache_mb > 0, "adapter_cache_mb", "must be > 0"),
+            (1 <= self.max_batch_size <= 64, "max_batch_size", "must be in 1..64"),
+            (0 <= self.batch_wait_s <= 1, "batch_wait_s", "must be in [0, 1] seconds"),
         ]
         for ok, key, message in checks:
             if not ok:

@@ -21,7 +21,7 @@ def _meta(sid: str) -> SubjectMeta:
     return SubjectMeta(id=sid, identifier="sks", class_noun="dog", base_model="tiny")
 
 
-def _lora(folder, seed: int, rank: int = 2, text: bool = False):
+def _lora(folder, seed: int, rank: int = 2, text: bool = False, sid: str | None = None):
     base = load_base("tiny")
     settings = LoraSettings(rank=rank, alpha=2.0 * rank, text_encoder_targets=("q_proj",) if text else ())
     add_adapters(base["unet"], base["text_encoder"], settings, text, seed=seed)
@@ -31,7 +31,7 @@ def _lora(folder, seed: int, rank: int = 2, text: bool = False):
             for name, p in m.named_parameters():
                 if "lora_B" in name:
                     p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    return save_lora_subject(folder, base["unet"], base["text_encoder"], _meta(f"lora-{seed}"), settings, dtype="fp32")
+    return save_lora_subject(folder, base["unet"], base["text_encoder"], _meta(sid or f"lora-{seed}"), settings, dtype="fp32")
 
 
 def _full(folder, seed: int):
