@@ -17,6 +17,7 @@ Ratios are the figures to read on a CPU; absolute times only mean something on a
 """
 import argparse
 import asyncio
+import itertools
 import os
 import socket
 import statistics
@@ -84,8 +85,13 @@ def section_swap(args, root: Path) -> None:
     full_s = _time(lambda: load_subject_weights_(base, full_state), args.repeats)
     slot = SubjectSlot(base)
     slot.use_lora("warm", loras[1])
-    k = iter(range(10**6))
-    hot_s = _time(lambda: slot.use_lora(f"h{next(k)}", loras[next(k) % 2]), args.repeats)
+    turn = itertools.count()
+
+    def hot():  # the other subject into the same adapter, in place
+        i = next(turn)
+        slot.use_lora(f"h{i}", loras[i % 2])
+
+    hot_s = _time(hot, args.repeats)
 
     def fresh():  # delete the adapter, load the other one anew
         slot.use_lora("x", loras[0])

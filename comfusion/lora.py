@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, recurse_remove_peft_layers
+from diffusers.utils import convert_state_dict_to_diffusers, recurse_remove_peft_layers
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
@@ -186,7 +186,7 @@ def _load_text_adapter(text_encoder, state: dict, weights: LoraWeights, name: st
     _inject_text_adapter(text_encoder, config, name)
     params = dict(text_encoder.named_parameters())
     with torch.no_grad():
-        for key, value in convert_state_dict_to_peft(state).items():
+        for key, value in _peft_keys(state).items():
             target = key.replace(".lora_A.", f".lora_A.{name}.").replace(".lora_B.", f".lora_B.{name}.")
             if target not in params:
                 raise ValueError(f"LoRA subject {weights.meta.id!r}: text-encoder key {key!r} fits no adapter weight")
@@ -249,8 +249,8 @@ class SubjectSlot:
     A full subject's weights are copied in place (`load_subject_weights_`); the base weights are
     snapshotted (host memory) before the first full subject replaces them, and restored before a
     LoRA subject is activated. A LoRA subject is one adapter named `ACTIVE`: the next LoRA subject
-    with the same UNet rank, alpha and targets is hot-swapped into it (diffusers' `hotswap`), any
-    other replaces it (delete, load). `current` names what is in the components (None: the base).
+    with the same rank, alpha and adapted modules is hot-swapped into it (its tensors copied in), any
+    other replaces it (unload, then diffusers' loader). `current` names what is in the components (None: the base).
     """
 
     def __init__(self, components: dict):
@@ -258,7 +258,8 @@ class SubjectSlot:
         self.current: str | None = None
         self._base: tuple[dict, dict] | None = None  # the base weights, once a full subject displaced them
         self._full_in = False  # a full subject's weights are in the modules
-        self._adapter_shape: tuple | None = None  # (rank, alpha, unet targets) of the loaded adapter
+        self._adapter_shape: tuple | None = None  # (rank, alpha, keys) of the loaded adapter
+        self._adapter_params: dict[str, torch.Tensor] = {}  # its parameters, "unet.<name>" / "text_encoder.<name>"
 
     def use_full(self, key: str, state: tuple) -> None:
         """Copy a full subject's `(unet_state, text_state, ...)` in place."""
@@ -282,12 +283,16 @@ class SubjectSlot:
         if self._full_in:
             load_subject_weights_(self.components, self._base)
             self._full_in = False
-        shape = _unet_shape(weights)
-        hotswap = shape == self._adapter_shape
-        if self._adapter_shape is not None and not hotswap:
-            unload_lora(self.components)
+        shape = _adapter_shape(weights)
+        same = shape == self._adapter_shape
         self._adapter_shape = None  # unknown while loading
-        activate_lora(self.components, weights, ACTIVE, hotswap=hotswap)
+        if same:  # hot-swap: the new tensors into the loaded adapter's own, in place
+            _copy_into_adapter(self._adapter_params, weights)
+        else:
+            unload_lora(self.components)
+            activate_lora(self.components, weights, ACTIVE)
+            self._adapter_params = {f"{part}.{n}": p for part in ("unet", "text_encoder")
+                                    for n, p in self.components[part].named_parameters() if "lora_" in n}
         self._adapter_shape = shape
         self.current = key
 
@@ -301,8 +306,34 @@ class SubjectSlot:
         return meta
 
 
-def _unet_shape(weights: LoraWeights) -> tuple:
-    """What must match for a UNet hot-swap: rank, alpha and the adapted modules."""
-    unet_keys = tuple(sorted(k for k in weights.state if k.startswith("unet.")))
+def _adapter_shape(weights: LoraWeights) -> tuple:
+    """What must match for an in-place hot-swap: rank, alpha and the adapted modules."""
     lora = weights.meta.lora
-    return lora.get("rank"), lora.get("alpha"), unet_keys
+    return lora.get("rank"), lora.get("alpha"), tuple(sorted(weights.state))
+
+
+_TO_PEFT = ((".lora.down.", ".lora_A."), (".lora.up.", ".lora_B."),  # diffusers' names -> PEFT's
+            (".lora_linear_layer.down.", ".lora_A."), (".lora_linear_layer.up.", ".lora_B."))
+
+
+def _peft_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Diffusers-format LoRA keys (`to_q.lora.down.weight`) in PEFT's form (`to_q.lora_A.weight`)."""
+    out = {}
+    for key, value in state.items():
+        for old, new in _TO_PEFT:
+            key = key.replace(old, new)
+        out[key] = value
+    return out
+
+
+def _copy_into_adapter(params: dict[str, torch.Tensor], weights: LoraWeights) -> None:
+    """Copy a LoRA subject's tensors into the loaded adapter's parameters (same keys, rank and
+    alpha), as PEFT's hot-swap does, without its walk over every module of the model: the cost
+    is the adapter's few MB, not the size of the UNet's module tree."""
+    with torch.no_grad():
+        for part in ("unet", "text_encoder"):
+            prefix = part + "."
+            own = {k[len(prefix):]: v for k, v in weights.state.items() if k.startswith(prefix)}
+            for key, value in _peft_keys(own).items():
+                name = key.replace(".lora_A.", f".lora_A.{ACTIVE}.").replace(".lora_B.", f".lora_B.{ACTIVE}.")
+                params[prefix + name].copy_(value)
