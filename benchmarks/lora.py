@@ -145,7 +145,7 @@ def start_app(uri: str, root: Path, name: str, **overrides) -> str:
 
     global _PORT
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
         _PORT = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": _PORT})
     settings = ServeSettings(base="tiny", tracking_uri=uri, cache_dir=str(root / f"cache-{name}"), device="cpu",
