@@ -156,6 +156,13 @@ def start_app(uri: str, root: Path, name: str, **overrides) -> str:
     return f"http://127.0.0.1:{_PORT}/{name}"
 
 
+def stop_app(name: str) -> None:
+    """Free the app's CPU slots (2 CPUs hold one Generator and one Ingress at a time)."""
+    from ray import serve
+
+    serve.delete(name)
+
+
 def section_many(args, root: Path) -> None:
     import httpx
 
@@ -176,6 +183,7 @@ def section_many(args, root: Path) -> None:
                           f"adapter MB {s['adapter_bytes'] / 2**20:6.2f}  RSS {s['rss_bytes'] / 2**20:7.0f} MB  "
                           f"evictions {s['adapter_evictions']}", flush=True)
         took = time.perf_counter() - t0
+    stop_app("many")
     total = args.rounds * args.subjects
     print(f"[many] served {total - failures}/{total} requests ({failures} failed) in {took:.0f} s", flush=True)
 
@@ -207,6 +215,7 @@ def section_batch(args, root: Path) -> None:
     for name, size in (("unbatched", 1), ("batched", 8)):
         url = start_app(uri, root / "batch", name, max_batch_size=size, batch_wait_s=0.02)
         took, lat, failures = asyncio.run(_burst(url, args.concurrency, args.rounds_batch))
+        stop_app(name)
         n = len(lat)
         p99 = sorted(lat)[max(0, int(0.99 * n) - 1)]
         results[name] = (n / took, p99)
