@@ -24,6 +24,18 @@ run sample $PY benchmarks/sample.py --preset sd15-arch --images 32 --batch 8
 # Training steps: dreambooth, comfusion and the ablations, bf16 + checkpointing + 8-bit AdamW
 # (targets: 1200 ComFusion steps in <= 90 s, peak <= 40 GB).
 run train_step $PY benchmarks/train_step.py --preset sd15-arch --steps 8 --warmup 2
+# LoRA ComFusion (LoRA subjects): sd15-arch 512 px, bf16, checkpointing, 8-bit AdamW, rank-4 UNet
+# attention adapters, base frozen (target: peak <= 16 GB, so a 24 GB GPU trains it).
+run lora_step $PY - <<'PYEOF'
+import sys; sys.path.insert(0, "benchmarks")
+from train_step import base_config, measure, synthetic_inputs
+cfg = base_config("sd15-arch", True).replace(**{"train.adapter": "lora"})
+assert cfg.model.resolution == 512 and cfg.train.optimizer == "adamw8bit" and cfg.train.mixed_precision == "bf16"
+subject, priors = synthetic_inputs("sd15-arch", 15)
+r = measure(cfg, subject, priors, "cuda", 2, 8)
+print(f"lora_comfusion s_per_step={r['sec']:.3f} peak_gib={r['peak_gib']:.1f} "
+      f"target_peak<=16 {'OK' if r['peak_gib'] <= 16 else 'MISSED'}")
+PYEOF
 # Priors: 200 at 512x512, 30 steps, guidance 7.5, batched, plain loop (target <= 60 s).
 run priors $PY - <<'PYEOF'
 import time, torch
@@ -46,5 +58,6 @@ echo "| benchmark | figure |"
 echo "|---|---|"
 grep -h "s_per_image\|fraction_of_floor" "$OUT/sample.log" | sed 's/^/| sample | /; s/$/ |/'
 grep -h -E "^(dreambooth|comfusion|w/o|tau)" "$OUT/train_step.log" | sed 's/^/| train_step | /; s/$/ |/'
+grep -h "lora_comfusion" "$OUT/lora_step.log" | sed 's/^/| lora_step | /; s/$/ |/'
 grep -h "priors=" "$OUT/priors.log" | sed 's/^/| priors | /; s/$/ |/'
 grep -h -i "swap" "$OUT/swap.log" | tail -3 | sed 's/^/| swap | /; s/$/ |/'

@@ -63,7 +63,14 @@ from comfusion.toy import world  # noqa: E402
 IDENTIFIER = DEFAULT_IDENTIFIER  # a reserved single token of the toy tokenizer, shared with no caption word
 N_REFERENCE_PHOTOS = 4  # room photos of an instance written next to the training photo
 REAL, BASE = "real", "base"
-ROWS = VARIANTS + LEVERS
+# LoRA subjects (issue 15): the same steps, priors and seeds, but only rank-4 UNet adapters train;
+# adapters take a larger step than full weights (diffusers' LoRA recipe: 1e-4 against 5e-6)
+LORA_LR = 1e-3
+LORA_ROWS: tuple[tuple[str, str, dict], ...] = (
+    ("dreambooth_lora", "DreamBooth (LoRA)", {"method": "dreambooth", "train.adapter": "lora", "train.lr": LORA_LR}),
+    ("comfusion_lora", "ComFusion (LoRA)", {"train.adapter": "lora", "train.lr": LORA_LR}),
+)
+ROWS = VARIANTS + LEVERS + LORA_ROWS
 LABELS = {REAL: "Real Images", BASE: "Base, colour named", **{k: label for k, label, _ in ROWS}}
 OVERRIDES = {k: o for k, _, o in ROWS}
 H = toy_scores.HELDOUT_JUDGES
@@ -601,7 +608,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     st.add_argument("--report-only", action="store_true", help="no training: the report from finished tasks")
     args = ap.parse_args(argv)
     args.instances = args.instances if args.instances is not None else (10 if args.study else 5)
-    args.variants = args.variants or (["dreambooth", "comfusion"] if args.study else [k for k, _, _ in VARIANTS])
+    args.variants = args.variants or (["dreambooth", "comfusion"] if args.study else [k for k, _, _ in VARIANTS + LORA_ROWS])
     args.judges = tuple(args.judges) if args.judges else available_judges()
     for name in ("instances", "workers", "steps", "priors", "scenes", "images_per_scene", "every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
@@ -32,6 +34,9 @@ from comfusion.fsutil import atomic_dir, sha256_file  # noqa: F401  (sha256_file
 META_FILE = "subject.json"
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 TEXT_WEIGHTS = "text_encoder/model.safetensors"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # a LoRA subject (comfusion.lora), diffusers' file name
+KINDS = ("full", "lora")
+REQUIRED_FILES = {"full": (UNET_WEIGHTS, TEXT_WEIGHTS), "lora": (LORA_WEIGHTS,)}
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -66,11 +71,15 @@ class SubjectMeta:
     metrics: dict = field(default_factory=dict)  # final metrics, name -> float
     dtype: str = "fp16"  # dtype of the stored weights: "fp16" or "fp32"
     files: dict = field(default_factory=dict)  # relative path -> sha256 hex; filled on save
+    kind: str = "full"  # "full": unet/ + text_encoder/ folders; "lora": diffusers' LoRA file (comfusion.lora)
+    lora: dict = field(default_factory=dict)  # kind "lora": rank, alpha, unet_targets, text_encoder_targets
 
     def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {list(KINDS)}, got {self.kind!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        for name in ("config", "metrics", "files"):
+        for name in ("config", "metrics", "files", "lora"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name} must be a dict, got {type(getattr(self, name)).__name__}")
         object.__setattr__(self, "metrics", {str(k): float(v) for k, v in self.metrics.items()})
@@ -154,7 +163,7 @@ def verify_checkpoint(folder: str | Path) -> SubjectMeta:
     if not folder.is_dir():
         raise CheckpointError(folder, ".", "no such checkpoint folder")
     meta = _read_meta(folder)
-    for rel in (UNET_WEIGHTS, TEXT_WEIGHTS):
+    for rel in REQUIRED_FILES[meta.kind]:
         if rel not in meta.files:
             raise CheckpointError(folder, META_FILE, f"does not list {rel}")
     root = folder.resolve()
@@ -184,12 +193,28 @@ def read_subject_weights(folder: str | Path, *, device: str | torch.device = "cp
     """Verify, then read the UNet and text-encoder state dicts (cast to `dtype` when given)."""
     folder = Path(folder)
     meta = verify_checkpoint(folder)
+    if meta.kind != "full":
+        raise CheckpointError(folder, META_FILE, f"is a {meta.kind} subject, not full weights (see comfusion.lora)")
 
     def read(rel: str) -> dict[str, torch.Tensor]:
         state = load_file(folder / rel, device=str(device))
         return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state.items()}
 
     return read(UNET_WEIGHTS), read(TEXT_WEIGHTS), meta
+
+
+def checkpoint_sizes(folder: str | Path) -> dict[str, float]:
+    """Size figures of a verified checkpoint of either kind, for logging: bytes of its weight
+    files and the number of values they hold (for a LoRA subject: the adapter parameters)."""
+    folder = Path(folder)
+    meta = verify_checkpoint(folder)
+    weights = [folder / rel for rel in meta.files if rel.endswith(".safetensors")]
+    values = 0
+    for path in weights:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                values += math.prod(f.get_slice(key).get_shape())
+    return {"checkpoint/bytes": float(sum(p.stat().st_size for p in weights)), "checkpoint/params": float(values)}
 
 
 # ---------------------------------------------------------------------------------------

@@ -169,6 +169,40 @@ class LossConfig:
                "need 0 <= fusion_t_min <= fusion_t_max <= 999")
 
 
+ADAPTERS = ("full", "lora")
+# UNet attention projections, the modules diffusers' DreamBooth LoRA recipe adapts
+DEFAULT_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+DEFAULT_TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP text self-attention
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """Low-rank adapters (PEFT `LoraConfig`) trained instead of the full weights (`train.adapter: lora`).
+
+    Each target is a module-name suffix, as PEFT matches them (`to_q` adapts every `...attn1.to_q`).
+    """
+
+    rank: int = 4  # r: rank of each adapter's update B @ A
+    alpha: float = 4.0  # the update is scaled by alpha / rank
+    unet_targets: tuple[str, ...] = DEFAULT_UNET_TARGETS
+    # text-encoder modules to adapt (e.g. [q_proj, k_proj, v_proj, out_proj]) when train.train_text_encoder
+    # is true; [] (the default, as diffusers' LoRA recipe): the text encoder stays the base's. Note: a
+    # plain diffusers pipeline loads text-encoder adapters only with peft >= 0.22 (transformers' API).
+    text_encoder_targets: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        _check(1 <= self.rank <= 1024, "rank", f"must be in 1..1024, got {self.rank}")
+        _check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
+        _check(len(self.unet_targets) >= 1, "unet_targets", "must name at least one UNet module (e.g. to_q)")
+        for key in ("unet_targets", "text_encoder_targets"):
+            names = getattr(self, key)
+            for i, name in enumerate(names):
+                _check(_MODULE_NAME.fullmatch(name) is not None, f"{key}[{i}]",
+                       f"{_show(name)} is not a module name (e.g. to_q, to_out.0, q_proj)")
+            _check(len(set(names)) == len(names), key, "lists a module twice")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The finetune of one subject (supplement B)."""
@@ -191,8 +225,19 @@ class TrainConfig:
     # every N steps, the gradient norm of each weighted loss term alone (one backward pass per
     # term, so that step costs more), reported to callbacks as `on_grad_norms`; 0: never
     grad_norm_every: int = 0
+    # "full": every UNet (and text-encoder) weight is trained (the paper); "lora": only low-rank
+    # adapters (`train.lora`), the base stays frozen and the checkpoint is a few MB; the text encoder
+    # then gets adapters only when train_text_encoder is true and lora.text_encoder_targets names modules
+    adapter: str = "full"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        """Whether the text encoder changes: all of it (full), or adapters on the named modules (lora)."""
+        return self.train_text_encoder and (self.adapter == "full" or bool(self.lora.text_encoder_targets))
 
     def __post_init__(self):
+        _check(self.adapter in ADAPTERS, "adapter", f"must be one of {', '.join(ADAPTERS)}, got {_show(self.adapter)}")
         _check(self.grad_norm_every >= 0, "grad_norm_every", "must be >= 0")
         _check(self.steps >= 1, "steps", "must be >= 1")
         _check(0 < self.lr < 1, "lr", "must be in (0, 1)")

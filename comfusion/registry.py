@@ -41,8 +41,9 @@ TAG_IDENTIFIER = "identifier"
 TAG_CLASS_NOUN = "class_noun"
 TAG_METHOD = "method"
 TAG_CREATED = "created"  # when the checkpoint was trained (subject.json), ISO 8601
+TAG_KIND = "kind"  # "full" or "lora" (comfusion.checkpoint.KINDS); untagged versions are full
 TAG_RETIRED = "retired"  # "true": never named by an alias again (an operator's rollback that sticks)
-VERSION_TAGS = (TAG_SUBJECT, TAG_IDENTIFIER, TAG_CLASS_NOUN, TAG_METHOD, TAG_CREATED)
+VERSION_TAGS = (TAG_SUBJECT, TAG_IDENTIFIER, TAG_CLASS_NOUN, TAG_METHOD, TAG_CREATED, TAG_KIND)
 
 # Which method's checkpoint a subject serves when it has several: the paper's method first.
 SERVING_PREFERENCE: tuple[str, ...] = METHODS
@@ -99,12 +100,20 @@ def method_alias(method: str) -> str:
     return method
 
 
-def version_tags(subject_id: str, identifier: str, class_noun: str, method: str, created: str | None) -> dict:
-    """The tags every version carries (Serve shows identifier, class noun, method, created)."""
-    tags = {TAG_SUBJECT: subject_id, TAG_IDENTIFIER: identifier, TAG_CLASS_NOUN: class_noun, TAG_METHOD: method}
+def version_tags(subject_id: str, identifier: str, class_noun: str, method: str, created: str | None,
+                 kind: str = "full") -> dict:
+    """The tags every version carries (Serve shows identifier, class noun, method, created, and
+    loads the weights by kind)."""
+    tags = {TAG_SUBJECT: subject_id, TAG_IDENTIFIER: identifier, TAG_CLASS_NOUN: class_noun, TAG_METHOD: method,
+            TAG_KIND: kind}
     if created:
         tags[TAG_CREATED] = created
     return tags
+
+
+def version_kind(tags: Mapping[str, str] | None) -> str:
+    """The checkpoint kind a version's tags record ("full" for versions from before the tag)."""
+    return (tags or {}).get(TAG_KIND) or "full"
 
 
 def version_info(version: int | str, tags: Mapping[str, str] | None) -> VersionInfo:

@@ -32,6 +32,7 @@ from comfusion.checkpoint import SubjectMeta, save_subject_checkpoint
 from comfusion.config import ConfigError, JobConfig, load_config, to_dict
 from comfusion.data import Subject, SubjectError, check_subject
 from comfusion.fsutil import atomic_dir
+from comfusion.lora import adapter_state, add_adapters, load_adapter_state_, save_lora_subject
 from comfusion.losses import (
     add_noise,
     class_scene_loss,
@@ -43,8 +44,8 @@ from comfusion.losses import (
     total_loss,
 )
 from comfusion.models import ModelNotFoundError, load_base, load_judges, noise_schedule
-from comfusion.prompts import class_scene_text, class_text, instance_scene_text, instance_text
-from comfusion.sampling import default_device, default_dtype, encode_text, sample
+from comfusion.prompts import instance_scene_text, instance_text
+from comfusion.sampling import default_device, encode_text, sample  # noqa: F401 - default_device: train.default_device
 
 STATE_FORMAT = 1  # bump when the layout of `save_state` changes
 
@@ -178,16 +179,24 @@ class SubjectTrainer:
         return dino, clip
 
     def _set_trainable(self) -> list[torch.nn.Parameter]:
+        """The parameters the optimizer updates: every UNet (and text-encoder) weight, or with
+        `train.adapter: lora` only the LoRA adapters added to them (the base stays frozen)."""
         tc = self.cfg.train
-        modules = [self.unet] + ([self.text_encoder] if tc.train_text_encoder else [])
-        self.unet.requires_grad_(True).train()
-        self.text_encoder.requires_grad_(tc.train_text_encoder).train(tc.train_text_encoder)
+        modules = [self.unet] + ([self.text_encoder] if tc.trains_text_encoder else [])
+        if tc.adapter == "lora":
+            params = add_adapters(self.unet, self.text_encoder, tc.lora, tc.trains_text_encoder, seed=tc.seed)
+        else:
+            self.unet.requires_grad_(True)
+            self.text_encoder.requires_grad_(tc.trains_text_encoder)
+            params = [p for m in modules for p in m.parameters()]
+        self.unet.train()
+        self.text_encoder.train(tc.trains_text_encoder)
         if tc.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             self.vae.enable_gradient_checkpointing()  # frozen, but f_theta backprops through its decoder
-            if tc.train_text_encoder:  # transformers checkpoints only in train mode
+            if tc.trains_text_encoder:  # transformers checkpoints only in train mode
                 _enable_text_checkpointing(self.text_encoder)
-        return [p for m in modules for p in m.parameters()]
+        return params
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         tc = self.cfg.train
@@ -350,7 +359,7 @@ class SubjectTrainer:
                              guidance_scale=sc.guidance_scale, height=res, width=res, batch_size=sc.batch_size)
         finally:
             self.unet.train()
-            self.text_encoder.train(self.cfg.train.train_text_encoder)
+            self.text_encoder.train(self.cfg.train.trains_text_encoder)
         return dict(zip(scenes, out.images))  # scene -> (H, W, 3) uint8
 
     # -- resumable state ------------------------------------------------------------
@@ -361,12 +370,13 @@ class SubjectTrainer:
         Written to a temporary sibling and renamed into place (an older state there is replaced).
         """
         with atomic_dir(folder) as tmp:  # flushed to disk before it becomes visible
-            save_file(_cpu_state(self.unet), tmp / "unet.safetensors")
-            if self.cfg.train.train_text_encoder:  # a frozen text encoder is the base's: not saved
-                save_file(_cpu_state(self.text_encoder), tmp / "text_encoder.safetensors")
+            save_file(self._weights_state(self.unet), tmp / "unet.safetensors")
+            if self.cfg.train.trains_text_encoder:  # a frozen text encoder is the base's: not saved
+                save_file(self._weights_state(self.text_encoder), tmp / "text_encoder.safetensors")
             torch.save({"step": self.step, "terms": dict(self.last_terms), "optimizer": self.optimizer.state_dict(),
                         "generator": self.generator.get_state(), "rng": _global_rng_states()}, tmp / "trainer.pt")
-            meta = {"format": STATE_FORMAT, "step": self.step, "subject": self.subject.id, "method": self.cfg.method}
+            meta = {"format": STATE_FORMAT, "step": self.step, "subject": self.subject.id, "method": self.cfg.method,
+                    "adapter": self.cfg.train.adapter}
             (tmp / "state.json").write_text(json.dumps(meta, indent=2))
         return Path(folder)
 
@@ -374,23 +384,35 @@ class SubjectTrainer:
         """Restore what `save_state` wrote; the next step is the one the saved run would have taken."""
         folder = Path(folder)
         meta = json.loads((folder / "state.json").read_text())
-        want = {"format": STATE_FORMAT, "subject": self.subject.id, "method": self.cfg.method}
-        got = {k: meta.get(k) for k in want}
+        want = {"format": STATE_FORMAT, "subject": self.subject.id, "method": self.cfg.method,
+                "adapter": self.cfg.train.adapter}
+        got = {k: meta.get(k, "full" if k == "adapter" else None) for k in want}  # states before LoRA: full
         if got != want:
             raise ValueError(f"state '{folder}' was saved by {got}; this trainer is {want}")
         device = str(self.device)
         unet = load_file(folder / "unet.safetensors", device=device)  # read everything, then apply
         text = (load_file(folder / "text_encoder.safetensors", device=device)
-                if self.cfg.train.train_text_encoder else None)
+                if self.cfg.train.trains_text_encoder else None)
         state = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
-        with torch.no_grad():  # copies into the same tensors, so the optimizer keeps its references
-            self.unet.load_state_dict(unet)
-            if text is not None:
-                self.text_encoder.load_state_dict(text)
+        self._load_weights_state(self.unet, unet, folder)
+        if text is not None:
+            self._load_weights_state(self.text_encoder, text, folder)
         self.optimizer.load_state_dict(state["optimizer"])  # moves its tensors to the params' device
         self.generator.set_state(state["generator"])
         _set_global_rng_states(state["rng"])
         self.step, self.last_terms = int(state["step"]), dict(state["terms"])
+
+    def _weights_state(self, module: torch.nn.Module) -> dict[str, Tensor]:
+        """What a resumable state keeps of a module: all of it, or with LoRA its adapters."""
+        return adapter_state(module) if self.cfg.train.adapter == "lora" else _cpu_state(module)
+
+    def _load_weights_state(self, module: torch.nn.Module, state: dict[str, Tensor], folder: Path) -> None:
+        """Copy into the same tensors, so the optimizer keeps its references."""
+        if self.cfg.train.adapter == "lora":
+            load_adapter_state_(module, state, str(folder))
+            return
+        with torch.no_grad():
+            module.load_state_dict(state)
 
     def publish(self, folder: str | os.PathLike, metrics: dict[str, float] | None = None) -> Path:
         """The subject checkpoint (DESIGN.md) in `train.checkpoint_dtype`; metrics default to the
@@ -399,6 +421,9 @@ class SubjectTrainer:
         meta = SubjectMeta(id=s.id, identifier=s.identifier, class_noun=s.class_noun, base_model=cfg.model.base,
                            base_revision=cfg.model.revision, method=cfg.method, config=to_dict(cfg),
                            metrics={**{f"loss/{k}": v for k, v in self.last_terms.items()}, **(metrics or {})})
+        if cfg.train.adapter == "lora":
+            return save_lora_subject(folder, self.unet, self.text_encoder, meta, cfg.train.lora,
+                                     dtype=cfg.train.checkpoint_dtype)
         return save_subject_checkpoint(folder, self.unet, self.text_encoder, meta, dtype=cfg.train.checkpoint_dtype)
 
 

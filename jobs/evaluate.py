@@ -37,10 +37,11 @@ if __package__ in (None, ""):  # run as a script (python jobs/evaluate.py): make
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # ruff: noqa: E402  (the project imports follow the path fix above)
 
-from comfusion.checkpoint import CheckpointError, SubjectMeta, load_subject_weights_, verify_checkpoint
+from comfusion.checkpoint import CheckpointError, SubjectMeta, verify_checkpoint
 from comfusion.config import ConfigError, JobConfig, load_config
 from comfusion.data import ImageError, subject_scenes
 from comfusion.fsutil import publish_dir, scratch_dir
+from comfusion.lora import SubjectSlot
 from comfusion.metrics import EvalPrompt, ImageEmbeddings, Scorer, eval_seed, evaluation_plan
 from comfusion.models import ModelNotFoundError, load_base
 from comfusion.registry import CHECKPOINT_ARTIFACT, tracking_uri
@@ -209,14 +210,13 @@ class EvalWorker:
                                     device=device, dtype=default_dtype(device))
         self.scorer = Scorer.load(cfg.eval.dino, cfg.eval.clip_judges, seed=cfg.model.preset_seed, device=device,
                                   batch_size=cfg.eval.batch_size, heldout_dino=cfg.eval.heldout_dino)
-        self.loaded: str | None = None  # checkpoint folder whose weights are in the components
+        self.slot = SubjectSlot(self.components)  # full subjects swapped in place, LoRA ones as adapters
 
     def process(self, item: dict) -> dict[str, np.ndarray]:
         """One work item -> one row per image: keys, DINO and CLIP embeddings, a grid thumbnail or b""."""
         folder = str(item["checkpoint"])
-        if folder != self.loaded:
-            load_subject_weights_(self.components, folder)
-            self.loaded = folder
+        if folder != self.slot.current:
+            self.slot.use_folder(folder)
         s, res = self.cfg.sampler, self.cfg.model.resolution
         images = sample(self.components, [str(p) for p in item["prompt"]], [int(x) for x in item["seed"]],
                         steps=s.steps, guidance_scale=s.guidance_scale, height=res, width=res,

@@ -345,7 +345,7 @@ def register_checkpoint(client, run_id: str, checkpoint: str | os.PathLike, subj
     version = run_version(client, name, run_id)
     if version is None:
         client.log_artifacts(run_id, str(checkpoint), registry.CHECKPOINT_ARTIFACT)
-        tags = registry.version_tags(name, meta.identifier, meta.class_noun, method, meta.created)
+        tags = registry.version_tags(name, meta.identifier, meta.class_noun, method, meta.created, meta.kind)
         version = create_version(client, run_id, name, tags)
     if force_serving:
         client.set_registered_model_alias(name, registry.SERVING_ALIAS, str(version))

@@ -19,6 +19,7 @@ import ray.train
 import ray.tune
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
+from comfusion.checkpoint import checkpoint_sizes
 from comfusion.config import JobConfig, SubjectSpec
 
 # Light at import: the Tune trial and the Train controller load this module only to find the
@@ -168,7 +169,8 @@ def _fit_and_publish(run: SubjectRun, subject, priors, logger) -> None:
     trainer.run()
     folder = trainer.publish(run.checkpoint_dir)
     final = {f"loss/{k}": v for k, v in trainer.last_terms.items()}
-    version = logger.finish(folder, subject.id, cfg.method, {"final/step": trainer.step})
+    logger.client.set_tag(run.run_id, "adapter", cfg.train.adapter)  # the checkpoint kind: full or lora
+    version = logger.finish(folder, subject.id, cfg.method, {"final/step": trainer.step, **checkpoint_sizes(folder)})
     logger.client.set_terminated(run.run_id, status="FINISHED")
     ray.train.report({"step": trainer.step, "final_loss": final.get("loss/total", float("nan")),
                       "checkpoint_dir": str(folder), "model_version": version})

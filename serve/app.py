@@ -22,9 +22,10 @@ import logging
 import secrets
 import threading
 import time
+from dataclasses import dataclass
 
+import numpy as np
 import psutil
-import torch
 from fastapi import Depends, FastAPI, HTTPException, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -37,10 +38,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import CLIPTokenizer
 
 from comfusion import __version__
-from comfusion.checkpoint import CheckpointError, SubjectMeta, load_subject_weights_, read_subject_weights
+from comfusion.checkpoint import CheckpointError, read_subject_weights, verify_checkpoint
+from comfusion.lora import LoraWeights, SubjectSlot, read_lora_subject
 from comfusion.models import BASE_PRESETS, SAVED_PRESETS, build_byte_tokenizer, load_base, resolve_base
 from comfusion.prompts import instance_scene_text
 from comfusion.sampling import SamplingCancelled, default_device, default_dtype, png_bytes, sample
+from serve.adapters import FullWeights, SubjectHandle, SubjectWeightsCache
 from serve.auth import Caller, KeyStore, require_key
 from serve.docs import add_offline_docs
 from serve.guards import BodySizeLimit, RequestStopped, ServeError, StopFlag, base_mismatch
@@ -157,23 +160,6 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 # the model deployment
 
 
-class SubjectWeights:
-    """The multiplexed "model": one subject version's state dicts on the CPU.
-
-    LRU eviction calls `__del__`; it only tells the replica the subject left the cache. The
-    tensors are freed when the last in-flight request holding this object lets go of it.
-    """
-
-    def __init__(self, mid: str, unet_state: dict, text_state: dict, meta, on_release):
-        self.mid, self.state, self.meta = mid, (unet_state, text_state), meta
-        self._on_release = on_release
-
-    def __del__(self):
-        release, self._on_release = getattr(self, "_on_release", None), None
-        if release is not None:  # evicted, or garbage-collected: report it once
-            release(self.mid)
-
-
 def _pin(state: dict) -> dict:
     """Page-locked copies, so swapping into a CUDA pipeline is a fast host-to-device copy."""
     return {k: v.pin_memory() for k, v in state.items()}
@@ -187,14 +173,51 @@ def _registry(settings: ServeSettings) -> SubjectRegistry:
                            cache_max_bytes=int(settings.cache_max_mb * 2**20))
 
 
-@serve.deployment(name="Generator", max_ongoing_requests=4, max_queued_requests=8,
+@dataclass
+class _Job:
+    """One generate request inside a batch: what to render and its own stop flag."""
+
+    mid: str
+    prompt: str
+    seeds: list[int]
+    steps: int
+    guidance_scale: float
+    height: int | None
+    width: int | None
+    stop: StopFlag
+
+    def group(self) -> tuple:
+        """Requests render in one sampler call only when these agree."""
+        return self.steps, self.guidance_scale, self.height, self.width
+
+
+class _BatchStop:
+    """The sampler's cancel hook for a batch: every member's flag is checked (so each records its
+    own steps), and the batch stops once all of them are stopped."""
+
+    def __init__(self, members: list[StopFlag]):
+        self.members = members
+
+    def __call__(self) -> bool:
+        return all([flag() for flag in self.members])  # a list: call every flag, no short circuit
+
+    def set(self, reason: str = "cancelled") -> None:
+        for flag in self.members:
+            flag.set(reason)
+
+
+@serve.deployment(name="Generator", max_ongoing_requests=16, max_queued_requests=32,
                   ray_actor_options={"num_cpus": 1})
 class Generator:
-    """One base pipeline per replica; subjects' weights cached (LRU, K per replica) and swapped in.
+    """One base pipeline per replica; subjects' weights cached in host memory and put in per request.
 
-    The swap and the sampling of one request run in one worker thread that owns the pipeline
-    until it returns: a cancelled request cannot release the pipeline half-way through a swap.
-    Cancelling sets the request's StopFlag, which the sampler checks every denoising step.
+    Full subjects: K per replica (LRU), copied into the pipeline in place. LoRA subjects: many per
+    replica (`serve.adapters`), activated as an adapter of the same pipeline. Requests for the same
+    subject that arrive together render in one sampler call (`@serve.batch`, which batches per
+    multiplexed model id). The swap and the sampling of one batch run in one worker thread that owns
+    the pipeline until it returns: a cancelled request cannot release the pipeline half-way through
+    a swap. Cancelling sets the request's StopFlag, which the sampler checks every denoising step;
+    a batch stops when all its requests are stopped.
     """
 
     def __init__(self, settings: ServeSettings):
@@ -204,41 +227,50 @@ class Generator:
         self.components = load_base(settings.base, seed=settings.preset_seed, device=self.device, dtype=self.dtype)
         self.pipeline_builds = 1  # never rebuilt for a request: only weights are swapped
         self.registry = _registry(settings)
+        self.slot = SubjectSlot(self.components)  # what is in the pipeline now (slot.current)
+        self.cache = SubjectWeightsCache(settings.max_models_per_replica, settings.max_adapters_per_replica,
+                                         int(settings.adapter_cache_mb * 2**20), on_full_evict=self._released)
         self._lock = asyncio.Lock()  # held from before a request's thread starts until it has ended
-        self._current: str | None = None  # model id whose weights are in the pipeline now
-        self._loaded: set[str] = set()  # model ids in the multiplex cache
-        self._loaded_lock = threading.Lock()  # eviction reports come from an executor thread
         self._counts = dict(loads=0, evictions=0, swaps=0, swap_seconds=0.0, load_seconds=0.0, images=0,
-                            stopped=0, steps_after_stop=0, cpu_after_stop=0.0, healed=0)
+                            stopped=0, steps_after_stop=0, cpu_after_stop=0.0, healed=0, lora_swaps=0,
+                            lora_swap_seconds=0.0, batches=0, batched_requests=0)
+        self._generate_batch.set_max_batch_size(settings.max_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(settings.batch_wait_s)
 
-        async def load_subject(mid: str) -> SubjectWeights:
+        async def load_subject(mid: str) -> SubjectHandle:
             return await self._load_subject(mid)
 
-        self._get_subject = serve.multiplexed(max_num_models_per_replica=settings.max_models_per_replica)(
+        # Serve's multiplex LRU holds small handles (it routes by them); the weights' own LRUs bound memory
+        self._get_subject = serve.multiplexed(
+            max_num_models_per_replica=settings.max_models_per_replica + settings.max_adapters_per_replica)(
             load_subject)
 
-    async def _load_subject(self, mid: str) -> SubjectWeights:
+    async def _load_subject(self, mid: str) -> SubjectHandle:
         """Fetch (disk cache, else the registry), verify and read one subject version's weights."""
         t0 = time.perf_counter()
         subject_id, version = split_model_id(mid)
-        unet_state, text_state, meta = await asyncio.to_thread(self._read_whole, subject_id, version)
-        if (why := base_mismatch(meta, self.settings.base, self.settings.preset_seed)) is not None:
+        weights = await asyncio.to_thread(self._read_whole, subject_id, version)
+        if (why := base_mismatch(weights.meta, self.settings.base, self.settings.preset_seed)) is not None:
             raise ServeError(f"subject {subject_id!r} version {version} {why}", status=409)
-        if self.device == "cuda":
-            unet_state, text_state = _pin(unet_state), _pin(text_state)
-        with self._loaded_lock:
-            self._loaded.add(mid)
         self._counts["loads"] += 1
         self._counts["load_seconds"] += time.perf_counter() - t0
-        return SubjectWeights(mid, unet_state, text_state, meta, self._released)
+        return self.cache.put(mid, weights)
 
-    def _read_whole(self, subject_id: str, version: int) -> tuple[dict, dict, SubjectMeta]:
+    async def _weights(self, handle: SubjectHandle):
+        """The handle's weights from host memory, read again when their LRU let them go."""
+        weights = self.cache.get(handle)
+        if weights is None:
+            await self._load_subject(handle.mid)
+            weights = self.cache.get(handle)
+        return weights
+
+    def _read_whole(self, subject_id: str, version: int) -> FullWeights | LoraWeights:
         """The verified weights; a cached copy that fails its checksums is moved aside and fetched
         once more. ServeError naming the subject and version (no paths) when it stays damaged."""
         for attempt in range(2):
             try:
                 folder = self.registry.fetch(subject_id, version)
-                weights = read_subject_weights(folder, device="cpu", dtype=self.dtype)
+                weights = self._read_folder(folder)
                 self._counts["healed"] += attempt  # the second attempt worked: the cache healed
                 return weights
             except RegistryUnavailable as e:
@@ -251,33 +283,48 @@ class Generator:
         raise ServeError(f"subject {subject_id!r} version {version}: the checkpoint is damaged ({problem}) "
                          "and the registry's copy did not restore it")
 
-    def _released(self, mid: str) -> None:
-        with self._loaded_lock:
-            if mid in self._loaded:
-                self._loaded.discard(mid)
-                self._counts["evictions"] += 1
+    def _read_folder(self, folder) -> FullWeights | LoraWeights:
+        if verify_checkpoint(folder).kind == "lora":
+            return read_lora_subject(folder, dtype=self.dtype)
+        unet_state, text_state, meta = read_subject_weights(folder, device="cpu", dtype=self.dtype)
+        if self.device == "cuda":
+            unet_state, text_state = _pin(unet_state), _pin(text_state)
+        return FullWeights(unet_state, text_state, meta)
 
-    def _swap_in(self, weights: SubjectWeights) -> None:
-        """Copy the subject's weights into the pipeline in place (worker thread, pipeline owned)."""
-        if self._current == weights.mid:
+    def _released(self, mid: str) -> None:
+        self._counts["evictions"] += 1
+
+    def _swap_in(self, mid: str, weights: FullWeights | LoraWeights) -> None:
+        """Put the subject into the pipeline (worker thread, pipeline owned)."""
+        if self.slot.current == mid:
             return
         t0 = time.perf_counter()
-        self._current = None  # unknown until the copy completes
-        if self.settings.fault_slow_subject and weights.mid.startswith(f"{self.settings.fault_slow_subject}@"):
+        if self.settings.fault_slow_subject and mid.startswith(f"{self.settings.fault_slow_subject}@"):
+            self.slot.current = None  # unknown until the swap completes
             time.sleep(self.settings.fault_swap_delay_s)  # fault injection: a slow swap
-        load_subject_weights_(self.components, weights.state)
-        self._current = weights.mid
-        self._counts["swaps"] += 1
-        self._counts["swap_seconds"] += time.perf_counter() - t0
+        lora = isinstance(weights, LoraWeights)
+        if lora:
+            self.slot.use_lora(mid, weights)
+        else:
+            self.slot.use_full(mid, weights.state)
+        key = "lora_swap" if lora else "swap"
+        self._counts[f"{key}s"] += 1
+        self._counts[f"{key}_seconds"] += time.perf_counter() - t0
 
-    def _render(self, weights: SubjectWeights, prompt: str, seeds: list[int], stop: StopFlag, **kw):
-        """Swap (never interrupted) and sample (stopped at the next step once `stop` is set)."""
+    def _render(self, mid: str, weights, jobs: list[_Job], stop: _BatchStop):
+        """Swap (never interrupted) and sample every job's seeds in one call (stopped at the next
+        step once all jobs are stopped)."""
         if stop():
             raise SamplingCancelled("stopped before it started")
-        self._swap_in(weights)
-        return sample(self.components, [prompt] * len(seeds), seeds, cancel=stop, **kw)
+        self._swap_in(mid, weights)
+        first = jobs[0]
+        prompts = [j.prompt for j in jobs for _ in j.seeds]
+        seeds = [s for j in jobs for s in j.seeds]
+        return sample(self.components, prompts, seeds, cancel=stop, steps=first.steps,
+                      guidance_scale=first.guidance_scale, height=first.height, width=first.width,
+                      batch_size=max(8, len(seeds)))
 
-    async def _run_owned(self, func, stop: StopFlag):
+    async def _run_owned(self, func, stop):
         """`func()` in a worker thread that owns the pipeline until it returns, whatever happens to
         the awaiting task: the lock is released by the thread's completion, not by the task."""
         await self._lock.acquire()  # a cancel while waiting here leaves the lock untouched
@@ -295,12 +342,15 @@ class Generator:
             future.add_done_callback(lambda f: self._count_stop(stop, f))
             raise
 
-    def _count_stop(self, stop: StopFlag, future: asyncio.Future | None = None) -> None:
+    def _count_stop(self, stop, future: asyncio.Future | None = None) -> None:
+        """Count each stopped request of `stop` (a StopFlag or a batch's flags) once its work ended."""
         if future is not None and not future.cancelled():
             future.exception()  # retrieved: SamplingCancelled is the expected end of a cancelled request
-        self._counts["stopped"] += 1
-        self._counts["steps_after_stop"] += int(stop.cpu_after_stop > 0)
-        self._counts["cpu_after_stop"] += stop.cpu_after_stop
+        for flag in getattr(stop, "members", [stop]):
+            if flag.is_set():
+                self._counts["stopped"] += 1
+                self._counts["steps_after_stop"] += int(flag.cpu_after_stop > 0)
+                self._counts["cpu_after_stop"] += flag.cpu_after_stop
 
     async def generate(self, prompt: str, seeds: list[int], steps: int, guidance_scale: float,
                        height: int | None, width: int | None, deadline: float | None = None) -> dict:
@@ -308,37 +358,69 @@ class Generator:
 
         `deadline` (wall-clock seconds) stops the sampling like a cancel does.
         """
-        mid = serve.get_multiplexed_model_id()
-        stop = StopFlag(deadline)
+        job = _Job(serve.get_multiplexed_model_id(), prompt, list(seeds), steps, guidance_scale, height, width,
+                   StopFlag(deadline))
         try:
-            weights = await self._get_subject(mid)
-            out = await self._run_owned(functools.partial(
-                self._render, weights, prompt, seeds, stop, steps=steps, guidance_scale=guidance_scale,
-                height=height, width=width), stop)
-        except (UnknownSubjectError, ServeError):
+            out = await self._generate_batch(job)
+        except asyncio.CancelledError:
+            job.stop.set("cancelled")  # counted by the batch once its sampling has ended
             raise
-        except SamplingCancelled:
+        if isinstance(out, SamplingCancelled):
+            raise RequestStopped(f"generation {job.stop.reason or 'stopped'} after {job.stop.steps} of {steps} "
+                                 "steps") from None
+        if isinstance(out, BaseException):
+            raise out
+        self._counts["images"] += len(seeds)
+        pngs = await asyncio.to_thread(lambda: [png_bytes(img) for img in out])
+        h, w = out.shape[1:3]
+        return dict(images=pngs, seeds=list(seeds), height=int(h), width=int(w))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _generate_batch(self, jobs: list[_Job]) -> list:
+        """One subject's requests that arrived together (Serve batches per model id): per group of
+        equal sampler settings, one swap and one sampler call. Returns per job its (n, H, W, 3)
+        images, or the exception that ended it."""
+        results: list = [None] * len(jobs)
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault(job.group(), []).append(i)
+        for idx in groups.values():
+            outs = await self._render_group([jobs[i] for i in idx])
+            for i, out in zip(idx, outs):
+                results[i] = out
+        return results
+
+    async def _render_group(self, jobs: list[_Job]) -> list:
+        mid = jobs[0].mid
+        stop = _BatchStop([j.stop for j in jobs])
+        try:
+            handle = await self._get_subject(mid)
+            weights = await self._weights(handle)
+            out = await self._run_owned(functools.partial(self._render, mid, weights, jobs, stop), stop)
+        except (UnknownSubjectError, ServeError) as e:
+            return [e] * len(jobs)
+        except SamplingCancelled as e:
             self._count_stop(stop)
-            raise RequestStopped(f"generation {stop.reason or 'stopped'} after {stop.steps} of {steps} steps") from None
+            return [e] * len(jobs)
         except Exception as e:  # noqa: BLE001 - one message line for the ingress's 500
             log.error("generation failed for %s: %s: %s", mid, type(e).__name__, e)
             message = str(e).replace(e.folder, mid) if isinstance(e, CheckpointError) else str(e)
-            raise ServeError(f"{type(e).__name__}: {message}") from None  # no server paths for clients
-        self._counts["images"] += len(seeds)
-        pngs = await asyncio.to_thread(lambda: [png_bytes(img) for img in out.images])
-        h, w = out.images.shape[1:3]
-        return dict(images=pngs, seeds=list(seeds), height=int(h), width=int(w))
+            return [ServeError(f"{type(e).__name__}: {message}")] * len(jobs)  # no server paths for clients
+        self._count_stop(stop)  # requests stopped while others of the batch went on
+        self._counts["batches"] += 1
+        self._counts["batched_requests"] += len(jobs)
+        bounds = np.cumsum([0] + [len(j.seeds) for j in jobs])
+        return [out.images[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
     async def stats(self) -> dict:
         """Replica state for tests, benchmarks and dashboards."""
-        with self._loaded_lock:
-            loaded = sorted(self._loaded)
         cpu = psutil.Process().cpu_times()
         return dict(replica=serve.get_replica_context().replica_id.unique_id, device=self.device,
-                    dtype=str(self.dtype), pipeline_builds=self.pipeline_builds, loaded=loaded,
-                    current=self._current, max_models_per_replica=self.settings.max_models_per_replica,
+                    dtype=str(self.dtype), pipeline_builds=self.pipeline_builds, loaded=sorted(self.cache.full.keys()),
+                    current=self.slot.current, max_models_per_replica=self.settings.max_models_per_replica,
+                    max_adapters_per_replica=self.settings.max_adapters_per_replica,
                     rss_bytes=psutil.Process().memory_info().rss, cpu_seconds=cpu.user + cpu.system,
-                    busy=self._lock.locked(), **self._counts)
+                    busy=self._lock.locked(), **self.cache.stats(), **self._counts)
 
 
 # ---------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from mlflow.exceptions import MlflowException
 from comfusion.checkpoint import META_FILE, CheckpointError, verify_checkpoint
 from comfusion.data import is_valid_subject_id
 from comfusion.fsutil import publish_dir, scratch_dir, temp_sibling
-from comfusion.registry import SERVING_ALIAS
+from comfusion.registry import SERVING_ALIAS, version_kind
 
 log = logging.getLogger("ray.serve")
 # What `get_model_version_by_alias` raises for an unknown model / an unknown alias.
@@ -62,11 +62,12 @@ class SubjectRecord:
     run_id: str | None = None
     created: str | None = None  # when it was trained (subject.json), else when it was registered
     metrics: dict = field(default_factory=dict)
+    kind: str = "full"  # "full" or "lora" (the version's kind tag)
 
     def public(self) -> dict:
         """The fields an API client may see (no artifact locations)."""
         return dict(id=self.id, version=self.version, identifier=self.identifier, class_noun=self.class_noun,
-                    method=self.method, created=self.created, metrics=dict(self.metrics))
+                    method=self.method, created=self.created, metrics=dict(self.metrics), kind=self.kind)
 
 
 # ---------------------------------------------------------------------------------------
@@ -275,7 +276,8 @@ class SubjectRegistry:
                              class_noun=tags.get("class_noun", ""), method=tags.get("method", ""),
                              source=mv.source, run_id=mv.run_id,
                              created=tags.get("created") or _iso_from_ms(mv.creation_timestamp),
-                             metrics=self._metrics(subject_id, int(mv.version), mv.run_id))
+                             metrics=self._metrics(subject_id, int(mv.version), mv.run_id),
+                             kind=version_kind(tags))
 
     def _metrics(self, subject_id: str, version: int, run_id: str | None) -> dict:
         """subject.json's metrics when the checkpoint is cached here, else the run's latest metrics."""

@@ -93,6 +93,7 @@ class SubjectInfo(BaseModel):
     method: str
     created: str | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
+    kind: str = "full"  # "full" (finetuned weights) or "lora" (adapters on the base model)
 
 
 class SubjectList(BaseModel):

@@ -67,6 +67,10 @@ class ServeSettings:
     max_photos: int = 5  # photos per subject (at most the manifest's 5)
     max_trainings_per_key: int = 2  # one key's trainings queued or running at once; more get a 429
     max_train_steps: int = 2000  # the most training steps a client may ask for
+    max_adapters_per_replica: int = 1000  # LoRA subjects a replica keeps in host memory (LRU; a few MB each)
+    adapter_cache_mb: float = 8192.0  # and at most this many MB of them
+    max_batch_size: int = 8  # same-subject requests rendered in one sampler call (1: no batching)
+    batch_wait_s: float = 0.01  # how long a request waits for others of its subject to join its batch
 
     def __post_init__(self):
         checks = [
@@ -96,6 +100,10 @@ class ServeSettings:
             (1 <= self.max_photos <= 5, "max_photos", "must be in 1..5"),
             (self.max_trainings_per_key >= 1, "max_trainings_per_key", "must be >= 1"),
             (self.max_train_steps >= 1, "max_train_steps", "must be >= 1"),
+            (self.max_adapters_per_replica >= 1, "max_adapters_per_replica", "must be >= 1"),
+            (self.adapter_cache_mb > 0, "adapter_cache_mb", "must be > 0"),
+            (1 <= self.max_batch_size <= 64, "max_batch_size", "must be in 1..64"),
+            (0 <= self.batch_wait_s <= 1, "batch_wait_s", "must be in [0, 1] seconds"),
         ]
         for ok, key, message in checks:
             if not ok:

@@ -1,0 +1,100 @@
+"""`comfusion.lora.SubjectSlot`: full and LoRA subjects, one at a time, in one base model (the
+evaluator and the Serve replica use it). Every switch renders what a fresh base with only that
+subject renders; the base weights come back under a LoRA subject. Tiny preset, CPU."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from comfusion.checkpoint import SubjectMeta, save_subject_checkpoint
+from comfusion.config import JobConfig, LoraSettings
+from comfusion.lora import SubjectSlot, add_adapters, save_lora_subject
+from comfusion.models import load_base
+from comfusion.sampling import sample
+from jobs.evaluate import make_target
+
+PROMPT = "a sks dog in the snow"
+
+
+def _meta(sid: str) -> SubjectMeta:
+    return SubjectMeta(id=sid, identifier="sks", class_noun="dog", base_model="tiny")
+
+
+def _lora(folder, seed: int, rank: int = 2, text: bool = False, sid: str | None = None):
+    base = load_base("tiny")
+    settings = LoraSettings(rank=rank, alpha=2.0 * rank, text_encoder_targets=("q_proj",) if text else ())
+    add_adapters(base["unet"], base["text_encoder"], settings, text, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in (base["unet"], base["text_encoder"]):
+            for name, p in m.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return save_lora_subject(folder, base["unet"], base["text_encoder"], _meta(sid or f"lora-{seed}"), settings, dtype="fp32")
+
+
+def _full(folder, seed: int):
+    base = load_base("tiny")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in base["unet"].parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return save_subject_checkpoint(folder, base["unet"], base["text_encoder"], _meta(f"full-{seed}"), dtype="fp32")
+
+
+def _image(components) -> np.ndarray:
+    return sample(components, [PROMPT], [3], steps=3, guidance_scale=3.0).images[0].astype(int)
+
+
+@pytest.fixture(scope="module")
+def subjects(tmp_path_factory):
+    root = tmp_path_factory.mktemp("slot")
+    return {"full": _full(root / "full", 1), "lora_a": _lora(root / "a", 2), "lora_b": _lora(root / "b", 3),
+            "lora_r4": _lora(root / "c", 4, rank=4, text=True)}
+
+
+@pytest.fixture(scope="module")
+def alone(subjects):
+    """Each subject rendered in a fresh base of its own, and the base itself."""
+    out = {"base": _image(load_base("tiny"))}
+    for name, folder in subjects.items():
+        components = load_base("tiny")
+        SubjectSlot(components).use_folder(folder)
+        out[name] = _image(components)
+    return out
+
+
+def test_every_switch_renders_the_subject_alone(subjects, alone):
+    assert all(np.abs(alone[k] - alone["base"]).mean() > 1 for k in subjects)  # each one changes the image
+    components = load_base("tiny")
+    slot = SubjectSlot(components)
+    order = ["lora_a", "lora_b", "full", "lora_b", "lora_r4", "lora_a", "full", "full", "lora_a"]
+    for name in order:  # hot-swap (a -> b), full over LoRA, LoRA over full, another rank, repeats
+        meta = slot.use_folder(subjects[name])
+        assert slot.current == str(subjects[name]) and meta.kind == ("full" if name == "full" else "lora")
+        assert np.abs(_image(components) - alone[name]).max() <= 1, f"after switching to {name}"
+
+
+def test_evaluator_takes_both_kinds(subjects):
+    cfg = JobConfig().replace(**{"model.base": "tiny", "data.subjects": [
+        {"id": "lora-2", "images": ["x.png"], "class_noun": "dog"}]})
+    target = make_target(cfg, subjects["lora_a"])
+    assert target.method == "comfusion" and target.checkpoint == str(subjects["lora_a"])
+
+
+def test_eval_worker_switches_between_kinds(subjects):
+    from jobs.evaluate import EvalWorker
+
+    cfg = JobConfig().replace(**{"model.base": "tiny", "model.resolution": 32, "sampler.steps": 2,
+                                 "eval.batch_size": 2})
+    worker = EvalWorker(cfg)
+    rows = {}
+    for name in ("lora_a", "full", "lora_b"):
+        item = {"checkpoint": str(subjects[name]), "prompt": np.array([PROMPT] * 2), "seed": np.array([5, 6]),
+                "target": 0, "prompt_set": np.array(["specific"] * 2), "prompt_index": np.array([0, 0]),
+                "image_index": np.array([0, 1])}
+        rows[name] = worker.process(item)
+        assert worker.slot.current == str(subjects[name])
+        assert rows[name]["dino"].shape[0] == 2 and np.isfinite(rows[name]["dino"]).all()
+    assert not np.allclose(rows["lora_a"]["dino"], rows["lora_b"]["dino"])
