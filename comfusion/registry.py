@@ -42,6 +42,7 @@ TAG_CLASS_NOUN = "class_noun"
 TAG_METHOD = "method"
 TAG_CREATED = "created"  # when the checkpoint was trained (subject.json), ISO 8601
 TAG_KIND = "kind"  # "full" or "lora" (comfusion.checkpoint.KINDS); untagged versions are full
+TAG_OWNER = "comfusion.owner"  # registered-model (and run) tag: the API key that created the subject
 TAG_RETIRED = "retired"  # "true": never named by an alias again (an operator's rollback that sticks)
 VERSION_TAGS = (TAG_SUBJECT, TAG_IDENTIFIER, TAG_CLASS_NOUN, TAG_METHOD, TAG_CREATED, TAG_KIND)
 
@@ -109,6 +110,13 @@ def version_tags(subject_id: str, identifier: str, class_noun: str, method: str,
     if created:
         tags[TAG_CREATED] = created
     return tags
+
+
+def visible_to(owner: str | None, key_id: str, admin: bool = False) -> bool:
+    """Whether a key may list and render a subject: admin keys see all; a subject with an owner
+    (one made through the self-service API) is its owner's; subjects without one (trained by a
+    job an operator submitted) are everyone's."""
+    return admin or not owner or owner == key_id
 
 
 def version_kind(tags: Mapping[str, str] | None) -> str:

@@ -42,6 +42,7 @@ from comfusion.checkpoint import CheckpointError, read_subject_weights, verify_c
 from comfusion.lora import LoraWeights, SubjectSlot, read_lora_subject
 from comfusion.models import BASE_PRESETS, SAVED_PRESETS, build_byte_tokenizer, load_base, resolve_base
 from comfusion.prompts import instance_scene_text
+from comfusion.registry import visible_to
 from comfusion.sampling import SamplingCancelled, default_device, default_dtype, png_bytes, sample
 from serve.adapters import FullWeights, SubjectHandle, SubjectWeightsCache
 from serve.auth import Caller, KeyStore, require_key
@@ -59,7 +60,6 @@ api = FastAPI(title="ComFusion", version=__version__, docs_url=None, redoc_url=N
               description="Render trained ComFusion subjects: `a [identifier] [class noun] [scene]`.")
 add_offline_docs(api)  # /docs from the app's own files: works without internet access
 api.add_middleware(BodySizeLimit, default=ServeSettings().max_body_bytes)  # the Ingress sets its own
-AUTH = [Security(require_key)]  # every route but /healthz and the docs: `Authorization: Bearer <key>`
 api.mount("/studio", StudioMount(), name="studio")  # the Gradio studio, installed by each Ingress replica
 api.include_router(selfservice.router)  # POST /v1/subjects, /v1/jobs: self-service training (Ray jobs)
 
@@ -464,14 +464,16 @@ class Ingress:
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
-    @api.get("/v1/subjects", response_model=SubjectList, dependencies=AUTH)
-    async def subjects(self):
-        """Every subject with a `serving` version: id, identifier, class noun, method, metrics."""
+    @api.get("/v1/subjects", response_model=SubjectList)
+    async def subjects(self, caller: Caller = Security(require_key)):
+        """Every subject with a `serving` version that the key may see (its own and the operators';
+        an admin key sees all): id, identifier, class noun, method, kind, metrics."""
         try:
             records = await asyncio.to_thread(self.registry.list_subjects)
         except RegistryUnavailable as e:  # down, and never listed since this replica started
             return self._registry_down(e)
-        return SubjectList(subjects=[SubjectInfo(**r.public()) for r in records])
+        return SubjectList(subjects=[SubjectInfo(**r.public()) for r in records
+                                     if visible_to(r.owner, caller.key_id, caller.admin)])
 
     @api.get("/v1/stats", dependencies=[Depends(require_admin)])
     async def stats(self):
@@ -501,7 +503,7 @@ class Ingress:
         return unprocessable(field, f"the prompt is {n} tokens long (start and end tokens included); "
                                     f"the model takes at most {limit}")
 
-    @api.post("/v1/generate", response_model=GenerateResponse, dependencies=AUTH, responses={
+    @api.post("/v1/generate", response_model=GenerateResponse, responses={
         401: {"description": "no API key, or not a valid one"},
         429: {"description": "the key is over its request rate; see Retry-After"},
         200: {"content": {"image/png": {}}, "description": "JSON, or the PNG itself for `Accept: image/png`"},
@@ -509,14 +511,14 @@ class Ingress:
         413: {"description": "body too large"}, 422: {"description": "invalid request"},
         503: {"description": "overloaded, or the registry is down for a subject not seen before; see Retry-After"},
         504: {"description": "not finished within the app's request timeout"}})
-    async def generate(self, req: GenerateRequest, request: Request):
+    async def generate(self, req: GenerateRequest, request: Request, caller: Caller = Security(require_key)):
         """Render the subject: with `scene`, the prompt is `a [identifier] [class noun] [scene]`."""
         deadline = time.time() + self.settings.request_timeout_s  # no header moves it
         try:
             record = await asyncio.to_thread(self.registry.resolve, req.subject)
         except RegistryUnavailable as e:  # only for subjects never seen while MLflow answered
             return self._registry_down(e)
-        if record is None:
+        if record is None or not visible_to(record.owner, caller.key_id, caller.admin):  # others' are unknown
             return JSONResponse(status_code=404, content={"detail": f"unknown subject {req.subject!r}"})
         prompt, field = self._prompt(req, record)
         if (error := self._too_long(prompt, field)) is not None:

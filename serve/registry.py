@@ -11,6 +11,7 @@ good ones keep serving while MLflow is down.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ from mlflow.exceptions import MlflowException
 from comfusion.checkpoint import META_FILE, CheckpointError, verify_checkpoint
 from comfusion.data import is_valid_subject_id
 from comfusion.fsutil import publish_dir, scratch_dir, temp_sibling
-from comfusion.registry import SERVING_ALIAS, version_kind
+from comfusion.registry import SERVING_ALIAS, TAG_OWNER, version_kind
 
 log = logging.getLogger("ray.serve")
 # What `get_model_version_by_alias` raises for an unknown model / an unknown alias.
@@ -63,6 +64,7 @@ class SubjectRecord:
     created: str | None = None  # when it was trained (subject.json), else when it was registered
     metrics: dict = field(default_factory=dict)
     kind: str = "full"  # "full" or "lora" (the version's kind tag)
+    owner: str | None = None  # the API key that created it (self-service), else None: everyone's
 
     def public(self) -> dict:
         """The fields an API client may see (no artifact locations)."""
@@ -221,24 +223,24 @@ class SubjectRegistry:
             self._tried_at = time.monotonic()
             old = dict(self._records)
         records = {}
-        for name, version in self._aliased_models():
+        for name, version, owner in self._aliased_models():
             kept = old.get(name)
-            records[name] = kept if kept is not None and kept.version == version else self._version_record(
-                name, version)
+            record = kept if kept is not None and kept.version == version else self._version_record(name, version)
+            records[name] = None if record is None else dataclasses.replace(record, owner=owner)
         with self._lock:
             self._records = {k: v for k, v in records.items() if v is not None}
             self._listed_at = time.monotonic()
             self._unknown.clear()
 
     def _aliased_models(self) -> list[tuple[str, int]]:
-        """(subject id, serving version) of every registered model with the alias."""
+        """(subject id, serving version, owner) of every registered model with the alias."""
         found, token = [], None
         while True:
             page = self._client.search_registered_models(max_results=100, page_token=token)
             for model in page:
                 version = (model.aliases or {}).get(self.alias)
                 if version is not None and is_valid_subject_id(model.name):
-                    found.append((model.name, int(version)))
+                    found.append((model.name, int(version), (model.tags or {}).get(TAG_OWNER)))
             token = page.token
             if not token:
                 return found
@@ -250,7 +252,10 @@ class SubjectRegistry:
             if not _not_found(e):
                 raise
             mv = None
-        record = None if mv is None else self._record(subject_id, mv)
+        record = None
+        if mv is not None:
+            owner = (self._client.get_registered_model(subject_id).tags or {}).get(TAG_OWNER)
+            record = dataclasses.replace(self._record(subject_id, mv), owner=owner)
         with self._lock:
             if record is None:
                 self._unknown[subject_id] = time.monotonic()

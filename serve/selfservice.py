@@ -43,7 +43,7 @@ from starlette.datastructures import UploadFile
 
 from comfusion.config import DEFAULT_IDENTIFIER, ConfigError, JobConfig, SubjectSpec, from_dict, load_config, to_dict
 from comfusion.data import SubjectError, check_subject
-from comfusion.registry import MODEL_DESCRIPTION
+from comfusion.registry import MODEL_DESCRIPTION, TAG_OWNER  # TAG_OWNER: the key that created a run / subject
 from comfusion.fsutil import write_file_atomic
 from serve.auth import Caller, require_key
 from serve.settings import ServeSettings
@@ -51,7 +51,6 @@ from serve.settings import ServeSettings
 log = logging.getLogger("ray.serve")
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "selfservice"  # the MLflow experiment (and job.name) of uploaded subjects
-TAG_OWNER = "comfusion.owner"  # key id that created a job's runs / a subject (run and registered-model tag)
 TAG_JOB = "comfusion.job"  # the Ray job id that trained a run
 MARK = "comfusion.selfservice"  # Ray job metadata key marking the jobs this module submitted
 FIELDS = ("photos", "class_noun", "id", "identifier", "methods", "steps")

@@ -152,7 +152,7 @@ class Studio:
     async def on_load(self, request: gr.Request):
         try:
             caller = self._caller(request)
-            subjects = [r.id for r in await self.backend.subjects()]
+            subjects = [r.id for r in await self.backend.subjects(caller)]
         except StudioError as e:
             empty = gr.Dropdown(choices=[], value=None)
             return "", message(str(e), "error"), empty, empty
@@ -187,8 +187,8 @@ class Studio:
 
     async def on_generate(self, subject_id, scene, prompt, seed, steps, count, request: gr.Request):
         try:
-            self._caller(request)
-            record = await self.backend.subject(subject_id)
+            caller = self._caller(request)
+            record = await self.backend.subject(subject_id, caller)
             text = self.backend.prompt(record, None if scene == FREE_PROMPT else scene, prompt)
             first = int(seed if seed is not None else 0)
             if not 0 <= first <= MAX_SEED - 4:
@@ -202,8 +202,8 @@ class Studio:
 
     async def on_surprise(self, subject_id, steps, request: gr.Request):
         try:
-            self._caller(request)
-            record = await self.backend.subject(subject_id)
+            caller = self._caller(request)
+            record = await self.backend.subject(subject_id, caller)
             scenes = random.sample(PAPER_SCENES, SURPRISE_SCENES)
             seed = secrets.randbelow(MAX_SEED)
             prompts = [self.backend.prompt(record, s, None) for s in scenes]
@@ -231,7 +231,8 @@ class Studio:
 
     async def on_compare(self, subject_id, seed, steps, request: gr.Request):
         try:
-            self._caller(request)
+            caller = self._caller(request)
+            await self.backend.subject(subject_id, caller)  # one the key may see
             methods = self.backend.methods(await self.backend.versions(subject_id))
             if not methods:
                 raise StudioError(f"{subject_id!r} has no aliased versions to compare.")
@@ -272,7 +273,7 @@ class Studio:
     async def on_new_pair(self, request: gr.Request, note: str = ""):
         try:
             caller = self._caller(request)
-            ballot, left, right = await self._pair(caller.key_id, getattr(request, "session_hash", "") or "")
+            ballot, left, right = await self._pair(caller, getattr(request, "session_hash", "") or "")
         except StudioError as e:
             return "", "", None, None, message(str(e), "error")
         shown = (f'<p>Text: <b id="vote-prompt">{html.escape(ballot.prompt)}</b></p><div class="studio-pair">'
@@ -280,10 +281,10 @@ class Studio:
                  f'<figure>{img(right, "right", elem_id="vote-right")}<figcaption>right</figcaption></figure></div>')
         return shown, ballot.id, None, None, note
 
-    async def _pair(self, voter: str, session: str) -> tuple[V.Ballot, bytes, bytes]:
+    async def _pair(self, caller, session: str) -> tuple[V.Ballot, bytes, bytes]:
         """Issue a ballot: a random subject with two or more methods, scene, seed and order."""
         candidates = []
-        for record in await self.backend.subjects():
+        for record in await self.backend.subjects(caller):
             methods = self.backend.methods(await self.backend.versions(record.id))
             if len(methods) >= 2:
                 candidates.append(methods)
@@ -295,7 +296,7 @@ class Studio:
         prompt = self.backend.prompt(r1, scene, None)
         left, right = await asyncio.gather(self.backend.render(r1, prompt, [seed], self.default_steps),
                                            self.backend.render(r2, prompt, [seed], self.default_steps))
-        ballot = V.Ballot(id=V.VoteStore.new_id(), voter=voter, session=session, subject=r1.id, scene=scene,
+        ballot = V.Ballot(id=V.VoteStore.new_id(), voter=caller.key_id, session=session, subject=r1.id, scene=scene,
                           prompt=prompt, seed=seed, steps=self.default_steps, left_method=m1, left_version=r1.version,
                           right_method=m2, right_version=r2.version)
         await asyncio.to_thread(self.store.issue, ballot)

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from comfusion.prompts import instance_scene_text
-from comfusion.registry import SERVING_ALIAS
+from comfusion.registry import SERVING_ALIAS, visible_to
+from serve.auth import Caller
 from serve.registry import RegistryUnavailable, SubjectRecord
 
 log = logging.getLogger("ray.serve")
@@ -53,20 +54,22 @@ class AppBackend:
 
     # --- subjects
 
-    async def subjects(self) -> list[SubjectRecord]:
+    async def subjects(self, caller: Caller | None = None) -> list[SubjectRecord]:
+        """The registry's subjects (those `caller` may see, when given)."""
         try:
-            return await asyncio.to_thread(self.registry.list_subjects)
+            records = await asyncio.to_thread(self.registry.list_subjects)
         except RegistryUnavailable as e:
             raise StudioError(f"The subject registry does not answer ({e}); retry in a moment.") from None
+        return [r for r in records if caller is None or visible_to(r.owner, caller.key_id, caller.admin)]
 
-    async def subject(self, subject_id: str) -> SubjectRecord:
+    async def subject(self, subject_id: str, caller: Caller | None = None) -> SubjectRecord:
         if not subject_id:
             raise StudioError("Choose a subject first.")
         try:
             record = await asyncio.to_thread(self.registry.resolve, subject_id)
         except RegistryUnavailable as e:
             raise StudioError(f"The subject registry does not answer ({e}); retry in a moment.") from None
-        if record is None:
+        if record is None or (caller is not None and not visible_to(record.owner, caller.key_id, caller.admin)):
             raise StudioError(f"Subject {subject_id!r} is not registered (any more).")
         return record
 

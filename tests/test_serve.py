@@ -242,6 +242,30 @@ def test_every_route_but_health_and_docs_needs_a_key(url, http, api_key):
     anonymous.close()
 
 
+def test_a_key_sees_its_own_and_the_operators_subjects_only(url, http, registry, api_key):
+    from comfusion.registry import TAG_OWNER
+    from serve.auth import create_key
+
+    registry.add("owned", noise_seed=150)
+    registry.client.set_registered_model_tag("owned", TAG_OWNER, "alice")  # made through the self-service API
+    bob = {"Authorization": f"Bearer {create_key(api_key.file, 'bob', rate_per_s=100, burst=100, replace=True)}"}
+    alice = {"Authorization": f"Bearer {create_key(api_key.file, 'alice', rate_per_s=100, burst=100, replace=True)}"}
+    deadline = time.monotonic() + 20  # keys are re-read within a second; the listing within registry_ttl_s
+    while "owned" not in {s["id"] for s in http.get("/v1/subjects").json()["subjects"]}:  # the admin key sees all
+        assert time.monotonic() < deadline, "the owned subject was never listed"
+        time.sleep(0.5)
+    while http.get("/v1/subjects", headers=alice).status_code == 401:
+        assert time.monotonic() < deadline, "the new keys were not taken up"
+        time.sleep(0.3)
+    listed = {who: {s["id"] for s in http.get("/v1/subjects", headers=h).json()["subjects"]}
+              for who, h in (("alice", alice), ("bob", bob))}
+    assert "owned" in listed["alice"] and "owned" not in listed["bob"]
+    assert "alpha" in listed["alice"] and "alpha" in listed["bob"]  # subjects without an owner: everyone's
+    body = {"subject": "owned", "scene": "in the snow", "seed": 1, "steps": 1}
+    assert http.post("/v1/generate", json=body, headers=bob).status_code == 404
+    assert http.post("/v1/generate", json=body, headers=alice).status_code == 200
+
+
 def test_two_subjects_generate_distinct_valid_pngs(http):
     a, b = generate(http, "alpha", num_images=2), generate(http, "bravo", num_images=2)
     assert a.status_code == 200 and b.status_code == 200, (a.text, b.text)
