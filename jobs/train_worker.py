@@ -86,11 +86,12 @@ class _Progress:
             return
         self.last = now
         done = step - self.first_step
+        loss = f"[{self.name}] step {step}/{self.total}  loss {terms.get('total', float('nan')):.4f}"
+        if done <= 1:  # one step says nothing about the speed yet
+            say(f"{loss}  starting")
+            return
         rate = done / max(now - self.t0, 1e-9)
-        left = (self.total - step) / rate if rate > 0 and done > 1 else float("nan")
-        eta = f"{left:.0f} s left" if left == left else "starting"
-        say(f"[{self.name}] step {step}/{self.total}  loss {terms.get('total', float('nan')):.4f}  "
-            f"{rate:.1f} steps/s  {eta}")
+        say(f"{loss}  {rate:.1f} steps/s  {(self.total - step) / rate:.0f} s left")
 
 
 def _quiet_ray_train() -> None:
