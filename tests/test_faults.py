@@ -7,12 +7,12 @@ deterministically while its weights are being copied.
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from cluster_helpers import init_ray
 import torch
 
 from comfusion.checkpoint import SubjectMeta, load_subject_weights_, save_subject_checkpoint, snapshot_weights
@@ -95,15 +95,7 @@ def serve_port():
     import ray
     from ray import serve
 
-    for attempt in range(3):  # on the shared 2-core box a raylet can miss Ray's fixed 30 s start window
-        try:
-            ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False,
-                     log_to_driver=False)
-            break
-        except Exception:  # noqa: BLE001
-            ray.shutdown()
-            if attempt == 2:
-                raise
+    init_ray(address="local")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+from cluster_helpers import free_port, stop_local
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -25,21 +24,7 @@ BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.ray
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill_matching(pattern: str) -> None:
-    """End the processes whose command line names `pattern` (this test's own Ray session)."""
-    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
-    for pid in map(int, out):
-        if pid != os.getpid():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+_free_port = free_port
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +42,7 @@ def head(tmp_path_factory):
         assert start.returncode == 0, start.stdout + start.stderr
         yield dict(env=env, home=home, storage=storage, **ports)
     finally:
-        _kill_matching(temp_dir)
-        pid_file = storage / "run" / "mlflow.pid"
-        if pid_file.exists():
-            try:
-                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
+        stop_local(temp_dir, storage)
 
 
 def test_start_creates_the_token_and_a_job_runs(head, tmp_path):

@@ -9,10 +9,7 @@ in-process clusters of other test modules.
 """
 from __future__ import annotations
 
-import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cluster_helpers import free_port, kill_matching, stop_local
 import yaml
 
 from jobs.demo_subjects import write_demo_subjects
@@ -32,21 +30,7 @@ BIN = Path(sys.executable).parent
 STEPS = 6  # training steps of the uploaded subject: the job stays short
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill_matching(pattern: str) -> None:
-    """End the processes whose command line names `pattern` (this module's own Ray session)."""
-    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
-    for pid in map(int, out):
-        if pid != os.getpid():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+_free_port, _kill_matching = free_port, kill_matching
 
 
 def _train_config(folder: Path) -> Path:
@@ -89,14 +73,7 @@ def head(tmp_path_factory):
         started = _start_head(home, storage)
         yield dict(home=home, storage=storage, **started)
     finally:
-        if started:
-            _kill_matching(started["temp_dir"])
-        pid_file = storage / "run" / "mlflow.pid"
-        if pid_file.exists():
-            try:
-                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
+        stop_local(started["temp_dir"] if started else None, storage)
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ import base64
 import dataclasses
 import importlib
 import io
-import socket
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from cluster_helpers import free_port, init_ray
 import torch
 import yaml
 from PIL import Image
@@ -32,10 +32,7 @@ SIZE = 32  # the tiny preset's default
 # fixtures: registry with subjects, a Ray cluster with the app
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_free_port = free_port
 
 
 class Registry:
@@ -100,14 +97,7 @@ def cluster():
     import ray
     from ray import serve
 
-    for attempt in range(3):  # on the shared 2-core box a raylet can miss Ray's fixed 30 s start window
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-            break
-        except Exception:  # noqa: BLE001
-            ray.shutdown()
-            if attempt == 2:
-                raise
+    init_ray()
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cluster_helpers import init_ray
 from test_serve import Registry, _free_port
 
 pytestmark = pytest.mark.ray
@@ -77,14 +78,7 @@ def app_url(registry, api_key):
     settings = ServeSettings(base="tiny", tracking_uri=registry.uri, cache_dir=str(registry.root / "cache"),
                              api_keys_file=api_key.file, default_steps=2, device="cpu", registry_ttl_s=1.0,
                              lookup_wait_s=10.0, votes_url=f"sqlite:///{registry.root}/votes.db")
-    for attempt in range(3):  # a raylet can miss Ray's start window on the shared box
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-            break
-        except Exception:  # noqa: BLE001
-            ray.shutdown()
-            if attempt == 2:
-                raise
+    init_ray()
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = make_app(settings, generator_options=dict(num_replicas=1, ray_actor_options={"num_cpus": 0.25}),

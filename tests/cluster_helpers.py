@@ -1,0 +1,51 @@
+"""Helpers the Ray tests share: free ports, a local Ray start that survives a busy machine, and
+ending one test's own Ray session (never `ray stop`, which would end every cluster on the box)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+from serve.local_mlflow import free_port  # noqa: F401 - re-exported for the tests
+
+
+def kill_matching(pattern: str) -> None:
+    """End the processes whose command line names `pattern` (a test's own Ray session folder)."""
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+    for pid in map(int, out):
+        if pid != os.getpid():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def init_ray(attempts: int = 3, **kwargs) -> None:
+    """`ray.init` of a 2-CPU local cluster, tried again: on the shared 2-core box a raylet can miss
+    Ray's fixed 30 s start window."""
+    import ray
+
+    options = dict(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False, **kwargs)
+    for attempt in range(attempts):
+        try:
+            ray.init(**options)
+            return
+        except Exception:  # noqa: BLE001
+            ray.shutdown()
+            if attempt == attempts - 1:
+                raise
+
+
+def stop_local(temp_dir: str | None, storage) -> None:
+    """End what cluster/start_local.sh started for one test: its Ray session (by `temp_dir`) and its
+    MLflow server (by the pid file in `storage`)."""
+    from pathlib import Path
+
+    if temp_dir:
+        kill_matching(temp_dir)
+    pid_file = Path(storage) / "run" / "mlflow.pid"
+    if pid_file.exists():
+        try:
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
