@@ -133,6 +133,7 @@ class Task:
     guidances: tuple[float, ...] = (7.5,)
     out_file: str = ""  # study: where the result is written (and found when resuming)
     keep_images: bool = True  # default mode: the final images come back for the sample grid
+    final_only_extra: bool = False  # study: guidances after the first are sampled at the last checkpoint only
 
 
 _SCORERS: dict = {}
@@ -185,7 +186,8 @@ class _Checkpoints:
         tr.unet.eval()
         tr.text_encoder.eval()
         prompts = [instance_scene_text(IDENTIFIER, self.inst.class_noun, s) for s in scenes]
-        for g in self.task.guidances:
+        final = step == max(self.task.checkpoints)
+        for g in self.task.guidances if final or not self.task.final_only_extra else self.task.guidances[:1]:
             images = _sample(tr.components, self.cfg, prompts, g)
             self.records.append({"step": step, "guidance": g, **toy_scores.score_images(
                 _scorers(self.judges), images, self.inst, scenes)})
@@ -392,7 +394,8 @@ def study_tasks(args, cfg: JobConfig, instances, photos, variants, folder: Path)
                     run_cfg = cfg.replace(**OVERRIDES[k], **{"train.lr": lr, "train.seed": seed})
                     name = f"{k}-{subject_id(inst)}-lr{lr:g}-seed{seed}.json"
                     tasks.append(Task("train", to_dict(run_cfg), inst.class_noun, k, inst.seed,
-                                      photos[subject_id(inst)], checkpoints, g, str(folder / name), False))
+                                      photos[subject_id(inst)], checkpoints, g, str(folder / name), False,
+                                      final_only_extra=True))
     return tasks
 
 
@@ -524,7 +527,7 @@ def study_report(args, folder: Path, variants: list[str]) -> int:
     refs = [r for r in records if r["row"] in (REAL, BASE)]
     for lr in sorted({r["lr"] for r in trained}):
         for g in sorted({r["guidance"] for r in trained}):
-            for step in sorted({r["step"] for r in trained if r["lr"] == lr}):
+            for step in sorted({r["step"] for r in trained if r["lr"] == lr and r["guidance"] == g}):
                 parts.append(f"\n### lr {lr:g}, guidance {g:g}, step {step}\n\n"
                              + study_table(records, lr, step, g, rows))
     if refs:
@@ -538,7 +541,8 @@ def study_report(args, folder: Path, variants: list[str]) -> int:
         w = csv.DictWriter(f, fieldnames=sorted({k for r in records for k in r}))
         w.writeheader()
         w.writerows(records)
-    g0 = sorted({r["guidance"] for r in trained})[0]
+    found = {r["guidance"] for r in trained}
+    g0 = args.guidance[0] if args.guidance[0] in found else sorted(found)[0]  # the guidance of every checkpoint
     tradeoff_plot(records, rows, sorted({r["lr"] for r in trained}), g0, folder / "tradeoff.png")
     print(text)
     say(f"wrote {folder / 'table.md'}, records.csv, tradeoff.png")
@@ -552,8 +556,46 @@ def run_study(args, cfg: JobConfig, out: Path, instances, photos, variants) -> i
     mine = [t for i, t in enumerate(tasks) if i % n == k - 1]
     todo = [t for t in mine if not Path(t.out_file).exists()]  # seed-major order: a cut-short run stays paired
     say(f"study: {len(tasks)} tasks, piece {k}/{n} holds {len(mine)}, {len(todo)} still to run")
-    run_all(todo, args.workers, "study task", args.judges)
+    if args.queue:
+        run_queue(todo, args.judges)
+    else:
+        run_all(todo, args.workers, "study task", args.judges)
     return study_report(args, folder, variants)
+
+
+def _claim(task: Task) -> bool:
+    """Take a study task for this process: <task>.claim holds the owner's pid; a dead owner's claim is taken over."""
+    claim = Path(task.out_file).with_suffix(".claim")
+    for _ in range(2):
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(claim.read_text() or 0), 0)
+                return False  # its owner is alive
+            except (ProcessLookupError, ValueError, FileNotFoundError):
+                claim.unlink(missing_ok=True)  # a killed run's claim
+                continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+    return False
+
+
+def run_queue(tasks: list[Task], judges: tuple[str, ...]) -> None:
+    """One worker over a queue that other `--queue` processes share: each task goes to whichever claims it
+    first, in order, so several processes (e.g. one per core) finish the seed-major order together."""
+    _init_worker()
+    n = 0
+    for t in tasks:
+        if Path(t.out_file).exists() or not _claim(t):
+            continue
+        try:
+            seconds = run_task(t, judges)["seconds"]
+        finally:
+            Path(t.out_file).with_suffix(".claim").unlink(missing_ok=True)
+        n += 1
+        say(f"study task {Path(t.out_file).stem} done ({seconds:.1f} s; {n} by this process)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -596,9 +638,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     st.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (train.seed)")
     st.add_argument("--lrs", nargs="+", type=float, default=[2e-4, 1e-4], help="learning rates")
     st.add_argument("--every", type=int, default=100, help="score a checkpoint every N steps")
-    st.add_argument("--guidance", nargs="+", type=float, default=[7.5], help="guidance scales to sample at")
+    st.add_argument("--guidance", nargs="+", type=float, default=[7.5],
+                    help="guidance scales to sample at: the first at every checkpoint (the curves), the others "
+                         "at the last checkpoint only (the guidance lever)")
     st.add_argument("--piece", type=_piece, default=(1, 1), help="run only piece K of N (K/N) of the tasks")
     st.add_argument("--report-only", action="store_true", help="no training: the report from finished tasks")
+    st.add_argument("--queue", action="store_true",
+                    help="one worker taking tasks from a queue shared with other --queue processes (claim files)")
     args = ap.parse_args(argv)
     args.instances = args.instances if args.instances is not None else (10 if args.study else 5)
     args.variants = args.variants or (["dreambooth", "comfusion"] if args.study else [k for k, _, _ in VARIANTS])
