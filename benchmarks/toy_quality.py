@@ -457,6 +457,36 @@ def study_table(records: list[dict], lr, step: int, guidance: float, rows: list[
     return "\n".join(lines)
 
 
+FRONTIERS = (("inst", "scene", "exact: scene accuracy at equal instance distance"),
+             (f"{H}/dino", f"{H}/clip_t", "held-out: CLIP-T at equal DINO"))
+
+
+def _points(records: list[dict], row: str, guidance: float, xc: str, yc: str, inst: list[int]) -> dict:
+    """(lr, step) -> (instances, 2) per-instance (x, y), seeds averaged; NaN where an instance is missing."""
+    out = {}
+    for lr, step in sorted({(r["lr"], r["step"]) for r in records if r["row"] == row and r["guidance"] == guidance}):
+        x, y = (_per_instance(records, row, lr, step, guidance, c) for c in (xc, yc))
+        out[(lr, step)] = np.array([[x.get(k, np.nan), y.get(k, np.nan)] for k in inst])
+    return out
+
+
+def frontier_table(records: list[dict], rows: list[str], guidance: float) -> str:
+    """Each row's points (every lr and checkpoint) against DreamBooth's frontier through its own points:
+    the mean gap in y at equal x, with a paired bootstrap 95% interval over instances."""
+    inst = sorted({r["instance_seed"] for r in records if r["row"] == "dreambooth"})
+    lines = ["| row | " + " | ".join(t for _, _, t in FRONTIERS) + " |", "|---" * (len(FRONTIERS) + 1) + "|"]
+    for row in rows:
+        if row == "dreambooth":
+            continue
+        cells = []
+        for xc, yc, _ in FRONTIERS:
+            gap, lo, hi, n = toy_scores.frontier_gap(_points(records, "dreambooth", guidance, xc, yc, inst),
+                                                     _points(records, row, guidance, xc, yc, inst))
+            cells.append(f"{gap:+.3f} [{lo:+.3f}, {hi:+.3f}] ({n} points)" if n else "- (no point in range)")
+        lines.append(f"| {LABELS.get(row, row)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def grad_norm_table(folder: Path, rows: list[str]) -> str:
     """Per row and lr: the mean `train.grad_norm_every` norms of each loss term (how large each is)."""
     terms = ("instance", "class_scene", "fusion_instance", "fusion_scene", "total")
@@ -533,6 +563,11 @@ def study_report(args, folder: Path, variants: list[str]) -> int:
     if refs:
         parts.append("\n### references\n\n" + study_table(records, None, 0, sorted({r["guidance"] for r in refs})[0],
                                                           [REAL, BASE]))
+    found = {r["guidance"] for r in trained}
+    g_main = args.guidance[0] if args.guidance[0] in found else sorted(found)[0]  # the guidance of every checkpoint
+    parts.append(f"\n### at equal instance fidelity (guidance {g_main:g}; every lr and checkpoint of a row against "
+                 "DreamBooth's frontier through all of its own; gap [paired bootstrap 95% interval over instances])"
+                 "\n\n" + frontier_table(records, rows, g_main))
     parts.append("\n### gradient norm of each weighted term (mean over tasks and logged steps)\n\n"
                  + grad_norm_table(folder / "tasks", rows))
     text = "\n".join(parts) + "\n"
@@ -541,9 +576,7 @@ def study_report(args, folder: Path, variants: list[str]) -> int:
         w = csv.DictWriter(f, fieldnames=sorted({k for r in records for k in r}))
         w.writeheader()
         w.writerows(records)
-    found = {r["guidance"] for r in trained}
-    g0 = args.guidance[0] if args.guidance[0] in found else sorted(found)[0]  # the guidance of every checkpoint
-    tradeoff_plot(records, rows, sorted({r["lr"] for r in trained}), g0, folder / "tradeoff.png")
+    tradeoff_plot(records, rows, sorted({r["lr"] for r in trained}), g_main, folder / "tradeoff.png")
     print(text)
     say(f"wrote {folder / 'table.md'}, records.csv, tradeoff.png")
     return 0
@@ -588,10 +621,13 @@ def run_queue(tasks: list[Task], judges: tuple[str, ...]) -> None:
     _init_worker()
     n = 0
     for t in tasks:
+        Path(t.out_file).parent.mkdir(parents=True, exist_ok=True)
         if Path(t.out_file).exists() or not _claim(t):
             continue
         try:
             seconds = run_task(t, judges)["seconds"]
+            if t.kind == "priors":  # run_task writes no file for a prior set: mark it done
+                Path(t.out_file).write_text("{}")
         finally:
             Path(t.out_file).with_suffix(".claim").unlink(missing_ok=True)
         n += 1
@@ -649,6 +685,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.instances = args.instances if args.instances is not None else (10 if args.study else 5)
     args.variants = args.variants or (["dreambooth", "comfusion"] if args.study else [k for k, _, _ in VARIANTS])
     args.judges = tuple(args.judges) if args.judges else available_judges()
+    args.out = str(Path(args.out).resolve())  # photos are named by absolute path (a relative one would be the config's)
     for name in ("instances", "workers", "steps", "priors", "scenes", "images_per_scene", "every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -693,8 +730,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(cfg.data.scenes)} scenes x {cfg.eval.images_per_prompt} images, {args.workers} workers")
     classes = sorted({i.class_noun for i in instances})
     methods = sorted({cfg.replace(**OVERRIDES[k]).method for k in args.variants})
-    run_all([Task("priors", to_dict(cfg.replace(method=m)), c) for c in classes for m in methods],
-            args.workers, "priors", args.judges)
+    priors = [Task("priors", to_dict(cfg.replace(method=m)), c, out_file=str(out / "study" / "priors" / f"{c}-{m}"))
+              for c in classes for m in methods]
+    if args.study and args.queue:  # queue processes share the prior sets too (a marker file per finished set)
+        run_queue(priors, args.judges)
+    else:
+        run_all(priors, args.workers, "priors", args.judges)
     if args.study:
         return run_study(args, cfg, out, instances, photos, args.variants)
     return run_default(args, cfg, out, instances, photos, args.variants, t_start)
