@@ -387,9 +387,9 @@ def study_tasks(args, cfg: JobConfig, instances, photos, variants, folder: Path)
     tasks = [Task(kind, to_dict(cfg), inst.class_noun, kind, inst.seed, guidances=g, keep_images=False,
                   out_file=str(folder / f"{kind}-{subject_id(inst)}.json"))
              for inst in instances for kind in (REAL, BASE)]
-    for seed in args.seeds:
-        for inst in instances:
-            for lr in args.lrs:
+    for seed in args.seeds:  # seed-major, then lr: a run cut short keeps every instance of its first lr paired
+        for lr in args.lrs:
+            for inst in instances:
                 for k in variants:
                     run_cfg = cfg.replace(**OVERRIDES[k], **{"train.lr": lr, "train.seed": seed})
                     name = f"{k}-{subject_id(inst)}-lr{lr:g}-seed{seed}.json"
@@ -439,21 +439,25 @@ def _per_instance(records: list[dict], row: str, lr, step: int, guidance: float,
 
 
 def study_table(records: list[dict], lr, step: int, guidance: float, rows: list[str]) -> str:
-    """Means over instances, and each row's difference to DreamBooth with a paired bootstrap 95% interval."""
+    """Means over the instances every row with results here has (a cut-short run compares like with like),
+    and each row's difference to DreamBooth with a paired bootstrap 95% interval over those instances."""
     head = "| row | n inst | " + " | ".join(h for _, h in STUDY_COLUMNS) + " |"
     lines = [head, "|---" * (len(STUDY_COLUMNS) + 2) + "|"]
-    for row in rows:
-        cells, n = [], 0
+    table = {row: {col: _per_instance(records, row, lr, step, guidance, col) for col, _ in STUDY_COLUMNS}
+             for row in rows}
+    table = {row: cols for row, cols in table.items() if cols[STUDY_COLUMNS[0][0]]}
+    common = set.intersection(*(set(cols[STUDY_COLUMNS[0][0]]) for cols in table.values())) if table else set()
+    for row, cols in table.items():
+        cells = []
         for col, _ in STUDY_COLUMNS:
-            mine = _per_instance(records, row, lr, step, guidance, col)
-            n = max(n, len(mine))
-            db = _per_instance(records, "dreambooth", lr, step, guidance, col)
+            mine = {k: v for k, v in cols[col].items() if k in common}
             cell = f"{np.nanmean(list(mine.values())):.3f}" if mine else "-"
+            db = table.get("dreambooth", {}).get(col, {})
             if row != "dreambooth" and db and mine:
-                d, lo, hi = toy_scores.paired_bootstrap([mine[k] - db[k] for k in mine if k in db])
+                d, lo, hi = toy_scores.paired_bootstrap([mine[k] - db[k] for k in mine])
                 cell += f" ({d:+.3f} [{lo:+.3f}, {hi:+.3f}])"
             cells.append(cell)
-        lines.append(f"| {LABELS.get(row, row)} | {n} | " + " | ".join(cells) + " |")
+        lines.append(f"| {LABELS.get(row, row)} | {len(common)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -470,19 +474,25 @@ def _points(records: list[dict], row: str, guidance: float, xc: str, yc: str, in
     return out
 
 
+def _x_range(points: dict) -> str:
+    xs = [float(np.nanmean(p[:, 0])) for p in points.values()]
+    return f"{min(xs):.2f}..{max(xs):.2f}" if xs else "none"
+
+
 def frontier_table(records: list[dict], rows: list[str], guidance: float) -> str:
     """Each row's points (every lr and checkpoint) against DreamBooth's frontier through its own points:
     the mean gap in y at equal x, with a paired bootstrap 95% interval over instances."""
-    inst = sorted({r["instance_seed"] for r in records if r["row"] == "dreambooth"})
+    have = lambda row: {r["instance_seed"] for r in records if r["row"] == row and r["guidance"] == guidance}  # noqa: E731
     lines = ["| row | " + " | ".join(t for _, _, t in FRONTIERS) + " |", "|---" * (len(FRONTIERS) + 1) + "|"]
     for row in rows:
         if row == "dreambooth":
             continue
-        cells = []
+        cells, inst = [], sorted(have("dreambooth") & have(row))  # the instances both rows have
         for xc, yc, _ in FRONTIERS:
-            gap, lo, hi, n = toy_scores.frontier_gap(_points(records, "dreambooth", guidance, xc, yc, inst),
-                                                     _points(records, row, guidance, xc, yc, inst))
-            cells.append(f"{gap:+.3f} [{lo:+.3f}, {hi:+.3f}] ({n} points)" if n else "- (no point in range)")
+            base, mine = (_points(records, k, guidance, xc, yc, inst) for k in ("dreambooth", row))
+            gap, lo, hi, n = toy_scores.frontier_gap(base, mine)
+            cells.append(f"{gap:+.3f} [{lo:+.3f}, {hi:+.3f}] ({n} of {len(mine)} points)" if n else
+                         f"- (x {_x_range(mine)}, DreamBooth's {_x_range(base)}: no overlap)")
         lines.append(f"| {LABELS.get(row, row)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -550,13 +560,13 @@ def study_report(args, folder: Path, variants: list[str]) -> int:
     if not trained:
         say(f"no finished study tasks under {folder / 'tasks'}")
         return 1
-    rows = [k for k in ["dreambooth"] + variants if any(r["row"] == k for r in trained)]
+    rows = [k for k in dict.fromkeys(["dreambooth"] + variants) if any(r["row"] == k for r in trained)]
     parts = [f"toy study: {len({r['instance_seed'] for r in trained})} instances, training seeds "
              f"{sorted({r['seed'] for r in trained})}, rows {rows}; cells: mean over instances (seeds averaged "
              f"within each), then (difference to DreamBooth [paired bootstrap 95% interval over instances])"]
     refs = [r for r in records if r["row"] in (REAL, BASE)]
     for lr in sorted({r["lr"] for r in trained}):
-        for g in sorted({r["guidance"] for r in trained}):
+        for g in sorted({r["guidance"] for r in trained}, key=lambda x: x != args.guidance[0]):  # main guidance first
             for step in sorted({r["step"] for r in trained if r["lr"] == lr and r["guidance"] == g}):
                 parts.append(f"\n### lr {lr:g}, guidance {g:g}, step {step}\n\n"
                              + study_table(records, lr, step, g, rows))

@@ -20,6 +20,7 @@ For one instance and pictures asked "in" each scene (S scenes x n images):
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -122,7 +123,9 @@ def frontier_gap(base: dict[tuple, np.ndarray], other: dict[tuple, np.ndarray], 
     b, o = np.stack(list(base.values())), np.stack(list(other.values()))  # (P, I, 2)
 
     def gap(idx: np.ndarray) -> tuple[float, int]:
-        mb, mo = np.nanmean(b[:, idx], axis=1), np.nanmean(o[:, idx], axis=1)  # (P, 2)
+        with warnings.catch_warnings():  # an instance missing from a resample's points: NaN, dropped below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mb, mo = np.nanmean(b[:, idx], axis=1), np.nanmean(o[:, idx], axis=1)  # (P, 2)
         mb, mo = mb[np.isfinite(mb).all(1)], mo[np.isfinite(mo).all(1)]
         if len(mb) < 2:
             return math.nan, 0
