@@ -112,7 +112,10 @@ def test_study_runs_in_pieces_resumes_and_reports_intervals(tmp_path):
     table = (out / "study" / "table.md").read_text()
     assert "### lr 0.0001, guidance 7.5, step 1" in table and "### lr 0.0002, guidance 7.5, step 2" in table
     comfusion = [ln for ln in table.splitlines() if ln.startswith("| ComFusion (tau=3) | 2 |")]
-    assert len(comfusion) == 4 and "[" in comfusion[0]  # a difference to DreamBooth with its interval
+    # 2 lrs x 2 checkpoints at guidance 7.5, and the last checkpoint of each lr at guidance 3
+    assert len(comfusion) == 6 and "[" in comfusion[0]  # a difference to DreamBooth with its interval
+    frontier = table.split("### at equal instance fidelity")[1].split("###")[0]
+    assert frontier.count("| ComFusion (tau=3) | ") == 1 and ("points)" in frontier or "no overlap" in frontier)
     assert Image.open(out / "study" / "tradeoff.png").size[0] > 500
     norms = [ln for ln in table.split("### gradient norm")[1].splitlines() if ln.startswith("| ComFusion (tau=3)")]
     assert len(norms) == 2 and all(float(c) > 0 for c in norms[0].strip("|").split("|")[2:])  # every term, each lr
