@@ -571,8 +571,8 @@ def study_report(args, folder: Path, variants: list[str]) -> int:
                 parts.append(f"\n### lr {lr:g}, guidance {g:g}, step {step}\n\n"
                              + study_table(records, lr, step, g, rows))
     if refs:
-        parts.append("\n### references\n\n" + study_table(records, None, 0, sorted({r["guidance"] for r in refs})[0],
-                                                          [REAL, BASE]))
+        for g in sorted({r["guidance"] for r in refs}, key=lambda x: x != args.guidance[0]):
+            parts.append(f"\n### references, guidance {g:g}\n\n" + study_table(records, None, 0, g, [REAL, BASE]))
     found = {r["guidance"] for r in trained}
     g_main = args.guidance[0] if args.guidance[0] in found else sorted(found)[0]  # the guidance of every checkpoint
     parts.append(f"\n### at equal instance fidelity (guidance {g_main:g}; every lr and checkpoint of a row against "
