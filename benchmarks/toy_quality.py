@@ -24,13 +24,16 @@ the ceiling) and "Base, colour named" (the untuned model asked "a [colour] [clas
         --priors 4 --variants dreambooth comfusion         # seconds: checks it runs
     python benchmarks/toy_quality.py --study --piece 1/4   # the study, a quarter of it (resumable)
     python benchmarks/toy_quality.py --study --report-only # tables and plot from what has run
+    python benchmarks/toy_quality.py --study --queue --workers 1 &  # twice: two processes share one queue
 
 `--study` trains every (instance, training seed, learning rate, row), scores checkpoints along
-training (every `--every` steps) at each `--guidance`, and writes one JSON per task under
+training (every `--every` steps) at the first `--guidance` (the others at the last checkpoint
+only), and writes one JSON per task under
 <out>/study/tasks/ (a task already there is skipped, so the study runs in pieces and resumes); the
 report is paired bootstrap 95% intervals of each row's difference to DreamBooth over instances
 (seeds averaged within an instance) and a trade-off plot (scene accuracy against instance distance
-along training, one curve per row; exact and held-out judges).
+along training, one curve per row; exact and held-out judges) and each row's gap to DreamBooth's
+frontier at equal instance fidelity. `--queue` processes share the task list through claim files.
 """
 from __future__ import annotations
 
