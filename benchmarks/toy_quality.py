@@ -24,13 +24,16 @@ the ceiling) and "Base, colour named" (the untuned model asked "a [colour] [clas
         --priors 4 --variants dreambooth comfusion         # seconds: checks it runs
     python benchmarks/toy_quality.py --study --piece 1/4   # the study, a quarter of it (resumable)
     python benchmarks/toy_quality.py --study --report-only # tables and plot from what has run
+    python benchmarks/toy_quality.py --study --queue --workers 1 &  # twice: two processes share one queue
 
 `--study` trains every (instance, training seed, learning rate, row), scores checkpoints along
-training (every `--every` steps) at each `--guidance`, and writes one JSON per task under
+training (every `--every` steps) at the first `--guidance` (the others at the last checkpoint
+only), and writes one JSON per task under
 <out>/study/tasks/ (a task already there is skipped, so the study runs in pieces and resumes); the
 report is paired bootstrap 95% intervals of each row's difference to DreamBooth over instances
 (seeds averaged within an instance) and a trade-off plot (scene accuracy against instance distance
-along training, one curve per row; exact and held-out judges).
+along training, one curve per row; exact and held-out judges) and each row's gap to DreamBooth's
+frontier at equal instance fidelity. `--queue` processes share the task list through claim files.
 """
 from __future__ import annotations
 
@@ -140,6 +143,7 @@ class Task:
     guidances: tuple[float, ...] = (7.5,)
     out_file: str = ""  # study: where the result is written (and found when resuming)
     keep_images: bool = True  # default mode: the final images come back for the sample grid
+    final_only_extra: bool = False  # study: guidances after the first are sampled at the last checkpoint only
 
 
 _SCORERS: dict = {}
@@ -192,7 +196,8 @@ class _Checkpoints:
         tr.unet.eval()
         tr.text_encoder.eval()
         prompts = [instance_scene_text(IDENTIFIER, self.inst.class_noun, s) for s in scenes]
-        for g in self.task.guidances:
+        final = step == max(self.task.checkpoints)
+        for g in self.task.guidances if final or not self.task.final_only_extra else self.task.guidances[:1]:
             images = _sample(tr.components, self.cfg, prompts, g)
             self.records.append({"step": step, "guidance": g, **toy_scores.score_images(
                 _scorers(self.judges), images, self.inst, scenes)})
@@ -392,14 +397,15 @@ def study_tasks(args, cfg: JobConfig, instances, photos, variants, folder: Path)
     tasks = [Task(kind, to_dict(cfg), inst.class_noun, kind, inst.seed, guidances=g, keep_images=False,
                   out_file=str(folder / f"{kind}-{subject_id(inst)}.json"))
              for inst in instances for kind in (REAL, BASE)]
-    for seed in args.seeds:
-        for inst in instances:
-            for lr in args.lrs:
+    for seed in args.seeds:  # seed-major, then lr: a run cut short keeps every instance of its first lr paired
+        for lr in args.lrs:
+            for inst in instances:
                 for k in variants:
                     run_cfg = cfg.replace(**OVERRIDES[k], **{"train.lr": lr, "train.seed": seed})
                     name = f"{k}-{subject_id(inst)}-lr{lr:g}-seed{seed}.json"
                     tasks.append(Task("train", to_dict(run_cfg), inst.class_noun, k, inst.seed,
-                                      photos[subject_id(inst)], checkpoints, g, str(folder / name), False))
+                                      photos[subject_id(inst)], checkpoints, g, str(folder / name), False,
+                                      final_only_extra=True))
     return tasks
 
 
@@ -443,21 +449,61 @@ def _per_instance(records: list[dict], row: str, lr, step: int, guidance: float,
 
 
 def study_table(records: list[dict], lr, step: int, guidance: float, rows: list[str]) -> str:
-    """Means over instances, and each row's difference to DreamBooth with a paired bootstrap 95% interval."""
+    """Means over the instances every row with results here has (a cut-short run compares like with like),
+    and each row's difference to DreamBooth with a paired bootstrap 95% interval over those instances."""
     head = "| row | n inst | " + " | ".join(h for _, h in STUDY_COLUMNS) + " |"
     lines = [head, "|---" * (len(STUDY_COLUMNS) + 2) + "|"]
-    for row in rows:
-        cells, n = [], 0
+    table = {row: {col: _per_instance(records, row, lr, step, guidance, col) for col, _ in STUDY_COLUMNS}
+             for row in rows}
+    table = {row: cols for row, cols in table.items() if cols[STUDY_COLUMNS[0][0]]}
+    common = set.intersection(*(set(cols[STUDY_COLUMNS[0][0]]) for cols in table.values())) if table else set()
+    for row, cols in table.items():
+        cells = []
         for col, _ in STUDY_COLUMNS:
-            mine = _per_instance(records, row, lr, step, guidance, col)
-            n = max(n, len(mine))
-            db = _per_instance(records, "dreambooth", lr, step, guidance, col)
+            mine = {k: v for k, v in cols[col].items() if k in common}
             cell = f"{np.nanmean(list(mine.values())):.3f}" if mine else "-"
+            db = table.get("dreambooth", {}).get(col, {})
             if row != "dreambooth" and db and mine:
-                d, lo, hi = toy_scores.paired_bootstrap([mine[k] - db[k] for k in mine if k in db])
+                d, lo, hi = toy_scores.paired_bootstrap([mine[k] - db[k] for k in mine])
                 cell += f" ({d:+.3f} [{lo:+.3f}, {hi:+.3f}])"
             cells.append(cell)
-        lines.append(f"| {LABELS.get(row, row)} | {n} | " + " | ".join(cells) + " |")
+        lines.append(f"| {LABELS.get(row, row)} | {len(common)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+FRONTIERS = (("inst", "scene", "exact: scene accuracy at equal instance distance"),
+             (f"{H}/dino", f"{H}/clip_t", "held-out: CLIP-T at equal DINO"))
+
+
+def _points(records: list[dict], row: str, guidance: float, xc: str, yc: str, inst: list[int]) -> dict:
+    """(lr, step) -> (instances, 2) per-instance (x, y), seeds averaged; NaN where an instance is missing."""
+    out = {}
+    for lr, step in sorted({(r["lr"], r["step"]) for r in records if r["row"] == row and r["guidance"] == guidance}):
+        x, y = (_per_instance(records, row, lr, step, guidance, c) for c in (xc, yc))
+        out[(lr, step)] = np.array([[x.get(k, np.nan), y.get(k, np.nan)] for k in inst])
+    return out
+
+
+def _x_range(points: dict) -> str:
+    xs = [float(np.nanmean(p[:, 0])) for p in points.values()]
+    return f"{min(xs):.2f}..{max(xs):.2f}" if xs else "none"
+
+
+def frontier_table(records: list[dict], rows: list[str], guidance: float) -> str:
+    """Each row's points (every lr and checkpoint) against DreamBooth's frontier through its own points:
+    the mean gap in y at equal x, with a paired bootstrap 95% interval over instances."""
+    have = lambda row: {r["instance_seed"] for r in records if r["row"] == row and r["guidance"] == guidance}  # noqa: E731
+    lines = ["| row | " + " | ".join(t for _, _, t in FRONTIERS) + " |", "|---" * (len(FRONTIERS) + 1) + "|"]
+    for row in rows:
+        if row == "dreambooth":
+            continue
+        cells, inst = [], sorted(have("dreambooth") & have(row))  # the instances both rows have
+        for xc, yc, _ in FRONTIERS:
+            base, mine = (_points(records, k, guidance, xc, yc, inst) for k in ("dreambooth", row))
+            gap, lo, hi, n = toy_scores.frontier_gap(base, mine)
+            cells.append(f"{gap:+.3f} [{lo:+.3f}, {hi:+.3f}] ({n} of {len(mine)} points)" if n else
+                         f"- (x {_x_range(mine)}, DreamBooth's {_x_range(base)}: no overlap)")
+        lines.append(f"| {LABELS.get(row, row)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -524,19 +570,24 @@ def study_report(args, folder: Path, variants: list[str]) -> int:
     if not trained:
         say(f"no finished study tasks under {folder / 'tasks'}")
         return 1
-    rows = [k for k in ["dreambooth"] + variants if any(r["row"] == k for r in trained)]
+    rows = [k for k in dict.fromkeys(["dreambooth"] + variants) if any(r["row"] == k for r in trained)]
     parts = [f"toy study: {len({r['instance_seed'] for r in trained})} instances, training seeds "
              f"{sorted({r['seed'] for r in trained})}, rows {rows}; cells: mean over instances (seeds averaged "
              f"within each), then (difference to DreamBooth [paired bootstrap 95% interval over instances])"]
     refs = [r for r in records if r["row"] in (REAL, BASE)]
     for lr in sorted({r["lr"] for r in trained}):
-        for g in sorted({r["guidance"] for r in trained}):
-            for step in sorted({r["step"] for r in trained if r["lr"] == lr}):
+        for g in sorted({r["guidance"] for r in trained}, key=lambda x: x != args.guidance[0]):  # main guidance first
+            for step in sorted({r["step"] for r in trained if r["lr"] == lr and r["guidance"] == g}):
                 parts.append(f"\n### lr {lr:g}, guidance {g:g}, step {step}\n\n"
                              + study_table(records, lr, step, g, rows))
     if refs:
-        parts.append("\n### references\n\n" + study_table(records, None, 0, sorted({r["guidance"] for r in refs})[0],
-                                                          [REAL, BASE]))
+        for g in sorted({r["guidance"] for r in refs}, key=lambda x: x != args.guidance[0]):
+            parts.append(f"\n### references, guidance {g:g}\n\n" + study_table(records, None, 0, g, [REAL, BASE]))
+    found = {r["guidance"] for r in trained}
+    g_main = args.guidance[0] if args.guidance[0] in found else sorted(found)[0]  # the guidance of every checkpoint
+    parts.append(f"\n### at equal instance fidelity (guidance {g_main:g}; every lr and checkpoint of a row against "
+                 "DreamBooth's frontier through all of its own; gap [paired bootstrap 95% interval over instances])"
+                 "\n\n" + frontier_table(records, rows, g_main))
     parts.append("\n### gradient norm of each weighted term (mean over tasks and logged steps)\n\n"
                  + grad_norm_table(folder / "tasks", rows))
     text = "\n".join(parts) + "\n"
@@ -545,8 +596,7 @@ def study_report(args, folder: Path, variants: list[str]) -> int:
         w = csv.DictWriter(f, fieldnames=sorted({k for r in records for k in r}))
         w.writeheader()
         w.writerows(records)
-    g0 = sorted({r["guidance"] for r in trained})[0]
-    tradeoff_plot(records, rows, sorted({r["lr"] for r in trained}), g0, folder / "tradeoff.png")
+    tradeoff_plot(records, rows, sorted({r["lr"] for r in trained}), g_main, folder / "tradeoff.png")
     print(text)
     say(f"wrote {folder / 'table.md'}, records.csv, tradeoff.png")
     return 0
@@ -559,8 +609,49 @@ def run_study(args, cfg: JobConfig, out: Path, instances, photos, variants) -> i
     mine = [t for i, t in enumerate(tasks) if i % n == k - 1]
     todo = [t for t in mine if not Path(t.out_file).exists()]  # seed-major order: a cut-short run stays paired
     say(f"study: {len(tasks)} tasks, piece {k}/{n} holds {len(mine)}, {len(todo)} still to run")
-    run_all(todo, args.workers, "study task", args.judges)
+    if args.queue:
+        run_queue(todo, args.judges)
+    else:
+        run_all(todo, args.workers, "study task", args.judges)
     return study_report(args, folder, variants)
+
+
+def _claim(task: Task) -> bool:
+    """Take a study task for this process: <task>.claim holds the owner's pid; a dead owner's claim is taken over."""
+    claim = Path(task.out_file).with_suffix(".claim")
+    for _ in range(2):
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(claim.read_text() or 0), 0)
+                return False  # its owner is alive
+            except (ProcessLookupError, ValueError, FileNotFoundError):
+                claim.unlink(missing_ok=True)  # a killed run's claim
+                continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+    return False
+
+
+def run_queue(tasks: list[Task], judges: tuple[str, ...]) -> None:
+    """One worker over a queue that other `--queue` processes share: each task goes to whichever claims it
+    first, in order, so several processes (e.g. one per core) finish the seed-major order together."""
+    _init_worker()
+    n = 0
+    for t in tasks:
+        Path(t.out_file).parent.mkdir(parents=True, exist_ok=True)
+        if Path(t.out_file).exists() or not _claim(t):
+            continue
+        try:
+            seconds = run_task(t, judges)["seconds"]
+            if t.kind == "priors":  # run_task writes no file for a prior set: mark it done
+                Path(t.out_file).write_text("{}")
+        finally:
+            Path(t.out_file).with_suffix(".claim").unlink(missing_ok=True)
+        n += 1
+        say(f"study task {Path(t.out_file).stem} done ({seconds:.1f} s; {n} by this process)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -603,13 +694,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     st.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (train.seed)")
     st.add_argument("--lrs", nargs="+", type=float, default=[2e-4, 1e-4], help="learning rates")
     st.add_argument("--every", type=int, default=100, help="score a checkpoint every N steps")
-    st.add_argument("--guidance", nargs="+", type=float, default=[7.5], help="guidance scales to sample at")
+    st.add_argument("--guidance", nargs="+", type=float, default=[7.5],
+                    help="guidance scales to sample at: the first at every checkpoint (the curves), the others "
+                         "at the last checkpoint only (the guidance lever)")
     st.add_argument("--piece", type=_piece, default=(1, 1), help="run only piece K of N (K/N) of the tasks")
     st.add_argument("--report-only", action="store_true", help="no training: the report from finished tasks")
+    st.add_argument("--queue", action="store_true",
+                    help="one worker taking tasks from a queue shared with other --queue processes (claim files)")
     args = ap.parse_args(argv)
     args.instances = args.instances if args.instances is not None else (10 if args.study else 5)
     args.variants = args.variants or (["dreambooth", "comfusion"] if args.study else [k for k, _, _ in VARIANTS + LORA_ROWS])
     args.judges = tuple(args.judges) if args.judges else available_judges()
+    args.out = str(Path(args.out).resolve())  # photos are named by absolute path (a relative one would be the config's)
     for name in ("instances", "workers", "steps", "priors", "scenes", "images_per_scene", "every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -654,8 +750,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(cfg.data.scenes)} scenes x {cfg.eval.images_per_prompt} images, {args.workers} workers")
     classes = sorted({i.class_noun for i in instances})
     methods = sorted({cfg.replace(**OVERRIDES[k]).method for k in args.variants})
-    run_all([Task("priors", to_dict(cfg.replace(method=m)), c) for c in classes for m in methods],
-            args.workers, "priors", args.judges)
+    priors = [Task("priors", to_dict(cfg.replace(method=m)), c, out_file=str(out / "study" / "priors" / f"{c}-{m}"))
+              for c in classes for m in methods]
+    if args.study and args.queue:  # queue processes share the prior sets too (a marker file per finished set)
+        run_queue(priors, args.judges)
+    else:
+        run_all(priors, args.workers, "priors", args.judges)
     if args.study:
         return run_study(args, cfg, out, instances, photos, args.variants)
     return run_default(args, cfg, out, instances, photos, args.variants, t_start)

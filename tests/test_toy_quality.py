@@ -98,7 +98,7 @@ def test_study_runs_in_pieces_resumes_and_reports_intervals(tmp_path):
     out = tmp_path / "study"
     small = ["--study", "--instances", "2", "--seeds", "0", "--lrs", "2e-4", "1e-4", "--steps", "2", "--every", "1",
              "--scenes", "2", "--images-per-scene", "1", "--priors", "4", "--workers", "1", "--judges", "toy",
-             "--set", "train.grad_norm_every=1", "--out", str(out)]
+             "--set", "train.grad_norm_every=1", "--guidance", "7.5", "3", "--out", str(out)]
     first = _run(*small, "--piece", "1/2")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     tasks = out / "study" / "tasks"
@@ -112,12 +112,31 @@ def test_study_runs_in_pieces_resumes_and_reports_intervals(tmp_path):
     table = (out / "study" / "table.md").read_text()
     assert "### lr 0.0001, guidance 7.5, step 1" in table and "### lr 0.0002, guidance 7.5, step 2" in table
     comfusion = [ln for ln in table.splitlines() if ln.startswith("| ComFusion (tau=3) | 2 |")]
-    assert len(comfusion) == 4 and "[" in comfusion[0]  # a difference to DreamBooth with its interval
+    # 2 lrs x 2 checkpoints at guidance 7.5, and the last checkpoint of each lr at guidance 3
+    assert len(comfusion) == 6 and "[" in comfusion[0]  # a difference to DreamBooth with its interval
+    frontier = table.split("### at equal instance fidelity")[1].split("###")[0]
+    assert frontier.count("| ComFusion (tau=3) | ") == 1 and ("points)" in frontier or "no overlap" in frontier)
     assert Image.open(out / "study" / "tradeoff.png").size[0] > 500
     norms = [ln for ln in table.split("### gradient norm")[1].splitlines() if ln.startswith("| ComFusion (tau=3)")]
     assert len(norms) == 2 and all(float(c) > 0 for c in norms[0].strip("|").split("|")[2:])  # every term, each lr
     with open(out / "study" / "records.csv") as f:
         records = list(csv.DictReader(f))
     assert {r["step"] for r in records if r["row"] == "comfusion"} == {"1", "2"}
+    # the second guidance is sampled at the last checkpoint only (the guidance lever, not a curve)
+    assert {r["step"] for r in records if r["row"] == "comfusion" and r["guidance"] == "3.0"} == {"2"}
+    assert "### lr 0.0002, guidance 3, step 2" in table and "guidance 3, step 1" not in table
     bad = _run("--study", "--piece", "3/2", "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "--piece" in bad.stderr
+
+
+def test_queue_claims_a_task_once_and_takes_over_a_dead_owners_claim(tmp_path):
+    sys.path.insert(0, str(SCRIPT.parent))
+    import toy_quality  # noqa: PLC0415
+
+    task = toy_quality.Task("train", {}, "ball", out_file=str(tmp_path / "t.json"))
+    claim = tmp_path / "t.claim"
+    assert toy_quality._claim(task) and claim.read_text() == str(os.getpid())
+    assert not toy_quality._claim(task)  # held by a live process (this one)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    claim.write_text(dead.stdout.strip())  # a finished process's pid
+    assert toy_quality._claim(task) and claim.read_text() == str(os.getpid())

@@ -19,6 +19,19 @@ def test_paired_bootstrap_hand_values():
     assert scores.paired_bootstrap([1.0, 2.0], seed=3) == scores.paired_bootstrap([1.0, 2.0], seed=3)
 
 
+def test_frontier_gap_hand_values():
+    # base: y = x through (0, 0) and (2, 2), the same for 3 instances; other lies 0.5 above it at x = 1
+    base = {0: np.array([[0.0, 0.0]] * 3), 1: np.array([[2.0, 2.0]] * 3)}
+    above = {0: np.array([[1.0, 1.5]] * 3)}
+    assert scores.frontier_gap(base, above, n_boot=50) == (0.5, 0.5, 0.5, 1)
+    outside = {0: np.array([[3.0, 9.0]] * 3)}  # beyond base's x range: not compared
+    mean, lo, hi, n = scores.frontier_gap(base, outside, n_boot=50)
+    assert n == 0 and math.isnan(mean) and math.isnan(lo)
+    noisy = {0: np.array([[1.0, 0.0], [1.0, 1.0], [1.0, 2.0]])}  # per instance y - 1 = -1, 0, 1
+    mean, lo, hi, n = scores.frontier_gap(base, noisy, n_boot=2000)
+    assert mean == pytest.approx(0.0) and -1 <= lo < 0 < hi <= 1 and n == 1
+
+
 def test_references_are_rendered_in_the_asked_scene_and_are_not_the_training_photo():
     inst = world.make_instance(world.HELD_OUT_SEED_START + 5, "ball")
     refs = scores.scene_references(inst, SCENES, n=3)

@@ -20,6 +20,7 @@ For one instance and pictures asked "in" each scene (S scenes x n images):
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -108,3 +109,38 @@ def paired_bootstrap(diffs: Sequence[float], n_boot: int = 4000, seed: int = 0,
     means = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1)  # (n_boot,)
     tail = (1 - level) / 2 * 100
     return float(d.mean()), float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
+def frontier_gap(base: dict[tuple, np.ndarray], other: dict[tuple, np.ndarray], n_boot: int = 2000,
+                 seed: int = 0, level: float = 0.95) -> tuple[float, float, float, int]:
+    """How far `other`'s points lie above `base`'s frontier at equal x: (mean gap, low, high, points).
+
+    Each dict maps a point (e.g. (lr, step)) to an (instances, 2) array of per-instance (x, y), the
+    same instances in the same order everywhere (NaN allowed). On the means over instances, `base`'s
+    points sorted by x make a piecewise-linear y(x); the gap is the mean of y - y_base(x) over
+    `other`'s points whose x lies within `base`'s x range (no extrapolation). The interval resamples
+    instances (the same resample for both), so it is paired like `paired_bootstrap`."""
+    b, o = np.stack(list(base.values())), np.stack(list(other.values()))  # (P, I, 2)
+
+    def gap(idx: np.ndarray) -> tuple[float, int]:
+        with warnings.catch_warnings():  # an instance missing from a resample's points: NaN, dropped below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mb, mo = np.nanmean(b[:, idx], axis=1), np.nanmean(o[:, idx], axis=1)  # (P, 2)
+        mb, mo = mb[np.isfinite(mb).all(1)], mo[np.isfinite(mo).all(1)]
+        if len(mb) < 2:
+            return math.nan, 0
+        mb = mb[np.argsort(mb[:, 0])]
+        inside = mo[(mo[:, 0] >= mb[0, 0]) & (mo[:, 0] <= mb[-1, 0])]
+        if not len(inside):
+            return math.nan, 0
+        return float(np.mean(inside[:, 1] - np.interp(inside[:, 0], mb[:, 0], mb[:, 1]))), len(inside)
+
+    n_inst = b.shape[1]
+    mean, points = gap(np.arange(n_inst))
+    rng = np.random.default_rng(seed)
+    boots = np.array([gap(rng.integers(0, n_inst, n_inst))[0] for _ in range(n_boot)])
+    boots = boots[np.isfinite(boots)]
+    if not len(boots) or not math.isfinite(mean):
+        return mean, math.nan, math.nan, points
+    tail = (1 - level) / 2 * 100
+    return mean, float(np.percentile(boots, tail)), float(np.percentile(boots, 100 - tail)), points
