@@ -48,18 +48,19 @@ def registry(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def http(cluster, registry):  # noqa: F811
+def http(cluster, registry, api_key):  # noqa: F811
     from ray import serve
     from serve.app import make_app
     from serve.settings import ServeSettings
 
     settings = ServeSettings(base="tiny", tracking_uri=registry.uri, cache_dir=str(registry.root / "cache"),
+                             api_keys_file=api_key.file,
                              max_models_per_replica=1, max_adapters_per_replica=3, default_steps=2, device="cpu",
                              registry_ttl_s=1.0, lookup_wait_s=10.0, batch_wait_s=0.3)
     app = make_app(settings, generator_options=dict(num_replicas=1, ray_actor_options={"num_cpus": 0.25}),
                    ingress_options=dict(num_replicas=1, ray_actor_options={"num_cpus": 0.25}))
     serve.run(app, name="lora", route_prefix="/")
-    with httpx.Client(base_url=cluster, timeout=180) as client:
+    with httpx.Client(base_url=cluster, timeout=180, headers=api_key.headers) as client:
         yield client
 
 
@@ -90,11 +91,11 @@ def test_full_and_lora_subjects_side_by_side(http, registry):
     assert len(stats["loaded"]) <= 1 and stats["lora_swaps"] >= 6
 
 
-def test_same_subject_requests_share_one_sampler_call(http, registry, cluster):  # noqa: F811
+def test_same_subject_requests_share_one_sampler_call(http, registry, cluster, api_key):  # noqa: F811
     before = http.get("/v1/stats").json()
 
     async def burst():
-        async with httpx.AsyncClient(base_url=cluster, timeout=180) as client:
+        async with httpx.AsyncClient(base_url=cluster, timeout=180, headers=api_key.headers) as client:
             return await asyncio.gather(*[client.post("/v1/generate", json=request("lora-b", seed=20 + i))
                                           for i in range(8)])
 

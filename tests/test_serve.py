@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from cluster_helpers import free_port, init_ray
 import torch
@@ -346,7 +347,13 @@ def test_concurrent_requests_match_sequential(url, http, api_key):
                                                                            "seed": seed}) for sid, seed in reqs])
         return [r.json()["images"] for r in rs]
 
-    assert asyncio.run(burst()) == sequential
+    # Same-subject requests that arrive together share one sampler call (@serve.batch): a batch of 3
+    # may round a pixel differently from 3 single calls, never more. Another subject's weights
+    # (mixed in by a race) would change the picture entirely.
+    together = asyncio.run(burst())
+    for got, want in zip(together, sequential, strict=True):
+        diff = [np.abs(np.asarray(decode(a), np.int16) - np.asarray(decode(b), np.int16)) for a, b in zip(got, want)]
+        assert max(int(d.max()) for d in diff) <= 2 and max(float(d.mean()) for d in diff) < 0.05
     assert sequential[0] != sequential[1]
 
 
