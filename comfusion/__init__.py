@@ -10,6 +10,11 @@ from pathlib import Path
 # never uses 4-bit layers (only the 8-bit AdamW, which needs no such kernel), so that one logger is
 # kept to errors rather than teaching every user to ignore the line.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# diffusers' pipeline module names transformers' CLIP/Siglip image processors, which transformers 5
+# then resolves to their PIL versions with a warning that torchvision is missing. The project never
+# uses those processors (no safety checker, no image encoder; the judges preprocess with torch), and
+# torchvision is left out on purpose, so that one logger is kept to errors.
+logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 
