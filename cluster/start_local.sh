@@ -54,9 +54,13 @@ fi
 if [ -f "$RUN/mlflow.pid" ] && kill -0 "$(cat "$RUN/mlflow.pid")" 2>/dev/null; then
   echo "mlflow: already running (pid $(cat "$RUN/mlflow.pid"))"
 else
+  # Training workers keep HTTP connections to MLflow open between metric flushes (every few
+  # seconds); uvicorn's default 5 s keep-alive closed them under the client, which then logged a
+  # "connection reset, retrying" warning per flush. Idle connections are kept for 2 minutes.
   setsid "$MLFLOW" server --host 127.0.0.1 --port "$MLFLOW_PORT" \
     --backend-store-uri "sqlite:///$STORAGE/mlflow.db" \
-    --artifacts-destination "$STORAGE/mlartifacts" --workers 1 >"$RUN/mlflow.log" 2>&1 &
+    --artifacts-destination "$STORAGE/mlartifacts" --workers 1 \
+    --uvicorn-opts "--timeout-keep-alive 120" >"$RUN/mlflow.log" 2>&1 &
   echo $! >"$RUN/mlflow.pid"
   # seconds on an idle machine; minutes on a loaded one (MLFLOW_START_TIMEOUT, default 180 s)
   for _ in $(seq 1 "${MLFLOW_START_TIMEOUT:-180}"); do
