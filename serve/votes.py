@@ -183,7 +183,8 @@ def wilson_interval(wins: int, n: int, z: float = 1.959963984540054) -> tuple[fl
     denom = 1 + z2 / n
     centre = (p + z2 / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # the interval holds p; at 0 and n wins its near end is exactly 0 or 1 (rounding would leave 1e-17)
+    return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
 
 
 RESULT_COLUMNS = ("method_a", "method_b", "subject", "question", "votes", "a_wins", "a_win_rate", "ci_low", "ci_high")

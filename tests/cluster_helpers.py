@@ -25,7 +25,10 @@ def init_ray(attempts: int = 3, **kwargs) -> None:
     Ray's fixed 30 s start window."""
     import ray
 
-    options = dict(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False, **kwargs)
+    options = dict(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    options.update(kwargs)
+    if ray.is_initialized():  # a module before this one that failed in its set-up
+        ray.shutdown()
     for attempt in range(attempts):
         try:
             ray.init(**options)
@@ -34,6 +37,29 @@ def init_ray(attempts: int = 3, **kwargs) -> None:
             ray.shutdown()
             if attempt == attempts - 1:
                 raise
+
+
+def start_serve(attempts: int = 3, **ray_kwargs) -> int:
+    """`init_ray` and Serve's HTTP proxy on a free port; its port. Serve waits a fixed 60 s for the proxy
+    actor, which a loaded 2-core box can miss (its worker process is slow to start): the cluster is
+    started again, up to `attempts` times."""
+    import ray
+    from ray import serve
+
+    for attempt in range(attempts):
+        init_ray(**ray_kwargs)
+        port = free_port()
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            return port
+        except Exception:  # noqa: BLE001
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def stop_local(temp_dir: str | None, storage) -> None:

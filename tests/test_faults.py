@@ -12,12 +12,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cluster_helpers import init_ray
+from cluster_helpers import start_serve
 import torch
 
 from comfusion.checkpoint import SubjectMeta, load_subject_weights_, save_subject_checkpoint, snapshot_weights
 from comfusion.models import load_base
-from serve.local_mlflow import LocalMlflowServer, free_port
+from serve.local_mlflow import LocalMlflowServer
 
 pytestmark = pytest.mark.ray
 TTL_S = 1.0
@@ -95,9 +95,7 @@ def serve_port():
     import ray
     from ray import serve
 
-    init_ray(address="local")
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = start_serve(address="local")
     try:
         yield port
     finally:

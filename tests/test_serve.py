@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from cluster_helpers import free_port, init_ray
+from cluster_helpers import free_port, start_serve
 import torch
 import yaml
 from PIL import Image
@@ -98,9 +98,7 @@ def cluster():
     import ray
     from ray import serve
 
-    init_ray()
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = start_serve()
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

@@ -16,6 +16,7 @@ import ray
 from mlflow import MlflowClient
 from ray import serve
 
+from cluster_helpers import start_serve
 from jobs import train_many
 from jobs.demo_subjects import write_demo_subjects
 
@@ -40,8 +41,7 @@ class Holder:
 @pytest.fixture(scope="module")
 def cluster():
     # the dashboard too: the "held by" part of the message comes from Ray's state API
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_port=_free_port(), log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+    start_serve(include_dashboard=True, dashboard_port=_free_port())
     yield
     serve.shutdown()
     ray.shutdown()

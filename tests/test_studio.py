@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster_helpers import init_ray
-from test_serve import Registry, _free_port
+from cluster_helpers import start_serve
+from test_serve import Registry
 
 pytestmark = pytest.mark.ray
 CHROMIUM = next((p for p in (os.environ.get("CHROME_BIN"), "/usr/bin/chromium", shutil.which("chromium"),
@@ -78,9 +78,7 @@ def app_url(registry, api_key):
     settings = ServeSettings(base="tiny", tracking_uri=registry.uri, cache_dir=str(registry.root / "cache"),
                              api_keys_file=api_key.file, default_steps=2, device="cpu", registry_ttl_s=1.0,
                              lookup_wait_s=10.0, votes_url=f"sqlite:///{registry.root}/votes.db")
-    init_ray()
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = start_serve()
     app = make_app(settings, generator_options=dict(num_replicas=1, ray_actor_options={"num_cpus": 0.25}),
                    ingress_options=dict(num_replicas=1, ray_actor_options={"num_cpus": 0.25}))
     try:

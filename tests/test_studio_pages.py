@@ -103,3 +103,17 @@ def test_vote_pages_count_a_ballot_once(studio, api_key):
     assert row["voter"] == "tests" and row["session"] == "sess-1"
     table, chart, status = asyncio.run(st.on_results(request_with(api_key)))
     assert 'id="res-count">1<' in status and "dreambooth" in table and chart.startswith("<img")
+
+
+@pytest.mark.parametrize("text_choice", ["left", "right"])
+def test_results_chart_of_a_one_sided_vote(text_choice):
+    """Every vote for one method (a win rate of 0 or 1): the chart and table still render."""
+    from serve import votes as V
+    from serve.studio import results_chart, results_table
+
+    rows = [dict(subject="bravo", left_method="comfusion", right_method="dreambooth", text_choice=text_choice,
+                 subject_choice=text_choice) for _ in range(3)]
+    table = V.results(rows)
+    assert {r["a_win_rate"] for r in table} == {0.0 if text_choice == "right" else 1.0}
+    png = results_chart(table)
+    assert Image.open(io.BytesIO(png)).size[0] > 100 and "<td class=\"res-votes\">3</td>" in results_table(table)

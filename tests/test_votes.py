@@ -31,6 +31,8 @@ def test_wilson_interval_matches_hand_worked_values(wins, n, low, high):
 
 def test_wilson_interval_edges():
     assert V.wilson_interval(0, 0) == (0.0, 1.0)
+    for n in (1, 3, 7, 100):  # no wins or all wins: the near end is exactly the rate (a chart's error bar >= 0)
+        assert V.wilson_interval(0, n)[0] == 0.0 and V.wilson_interval(n, n)[1] == 1.0
     lo, hi = V.wilson_interval(50, 100)
     assert lo + hi == pytest.approx(1.0)  # symmetric about 1/2
     assert V.wilson_interval(500, 1000)[1] - V.wilson_interval(500, 1000)[0] < hi - lo  # more votes, narrower
