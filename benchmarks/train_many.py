@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     trainer.publish(tmp / "direct")
     direct = time.perf_counter() - t0
 
-    ray.init(num_cpus=max(2, int(args.k * args.cpus_per_trainer) + 1), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=max(2, int(args.k * args.cpus_per_trainer) + 1), include_dashboard=False,
+             log_to_driver=False)
     timings = {}
     for label, k in (("one", 1), ("many", args.k)):
         t0 = time.perf_counter()

@@ -25,7 +25,8 @@ def init_ray(attempts: int = 3, **kwargs) -> None:
     Ray's fixed 30 s start window."""
     import ray
 
-    options = dict(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    # address "local": a new cluster even where a stale /tmp/ray/ray_current_cluster names a dead one
+    options = dict(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     options.update(kwargs)
     if ray.is_initialized():  # a module before this one that failed in its set-up
         ray.shutdown()

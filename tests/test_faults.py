@@ -95,7 +95,7 @@ def serve_port():
     import ray
     from ray import serve
 
-    port = start_serve(address="local")
+    port = start_serve()
     try:
         yield port
     finally:
