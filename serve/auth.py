@@ -158,6 +158,7 @@ class KeyStore:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._by_digest: dict[str, KeyRecord] = {}
+        self._by_id: dict[str, KeyRecord] = {}
         self._buckets: dict[str, TokenBucket] = {}
         self._seen: tuple | None = None
         self._checked = 0.0
@@ -183,8 +184,8 @@ class KeyStore:
             return
         self._seen, self.error = stamp, None
         self._by_digest = {r.sha256: r for r in records}
-        live = {r.id for r in records}
-        self._buckets = {k: b for k, b in self._buckets.items() if k in live}
+        self._by_id = {r.id: r for r in records}
+        self._buckets = {k: b for k, b in self._buckets.items() if k in self._by_id}
 
     @property
     def count(self) -> int:
@@ -200,7 +201,7 @@ class KeyStore:
     def admit(self, caller: Caller) -> float:
         """0 when the key may go on now, else the seconds until it may."""
         with self._lock:
-            rec = next((r for r in self._by_digest.values() if r.id == caller.key_id), None)
+            rec = self._by_id.get(caller.key_id)
             if rec is None:
                 return 0.0
             bucket = self._buckets.get(rec.id)
