@@ -48,24 +48,26 @@ def progress_html(view: dict) -> str:
     return (f'<div id="train-view"><p><b>{html.escape(str(view.get("subject")))}</b> · job '
             f'<code>{html.escape(str(view.get("id")))}</code> · <span id="train-state">'
             f'{html.escape(str(view.get("state")))}</span>{left}</p>{error}'
-            f'<div style="overflow-x:auto"><table class="studio-table"><tr>{head}</tr>{"".join(rows)}</table></div></div>')
+            f'<div style="overflow-x:auto"><table class="studio-table"><tr>{head}</tr>{"".join(rows)}</table>'
+            '</div></div>')
 
 
 def jobs_html(jobs: list[dict]) -> str:
     if not jobs:
         return '<p id="train-jobs-empty">No trainings yet for this key.</p>'
     head = "".join(f"<th>{c}</th>" for c in ("job", "subject", "state", "started"))
-    rows = "".join(f"<tr><td>{html.escape(j['id'])}</td><td>{html.escape(str(j.get('subject')))}</td>"
-                   f"<td>{html.escape(str(j.get('state')))}</td><td>{html.escape(str(j.get('created') or ''))}</td></tr>"
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(j.get(k) or ''))}</td>"
+                                    for k in ("id", "subject", "state", "created")) + "</tr>"
                    for j in jobs[:RECENT_JOBS])
-    return f'<div style="overflow-x:auto"><table class="studio-table" id="train-jobs-table"><tr>{head}</tr>{rows}</table></div>'
+    return (f'<div style="overflow-x:auto"><table class="studio-table" id="train-jobs-table"><tr>{head}</tr>{rows}'
+            '</table></div>')
 
 
 def upload_fields(class_noun, subject_id, identifier, methods, steps) -> dict:
     """The form's text fields as the API takes them (empty ones left out: the API's defaults apply)."""
     fields = {"class_noun": (class_noun or "").strip(), "id": (subject_id or "").strip(),
               "identifier": (identifier or "").strip(), "methods": ",".join(methods or []),
-              "steps": "" if steps is None or steps == "" else str(int(steps))}
+              "steps": "" if steps is None else str(steps).strip()}
     return {k: v for k, v in fields.items() if v or k == "class_noun"}
 
 
@@ -103,8 +105,8 @@ class TrainTab:
             with gr.Row():
                 methods = gr.CheckboxGroup(list(METHODS), value=["comfusion"], label="Methods",
                                            elem_id="train-methods", min_width=160)
-                steps = gr.Number(label="Steps (optional)", value=None, precision=0, elem_id="train-steps",
-                                  min_width=120)
+                steps = gr.Textbox(label="Steps (optional)", placeholder="the app's default", elem_id="train-steps",
+                                   min_width=120)
             with gr.Row():
                 start = gr.Button("Start training", variant="primary", elem_id="train-start", min_width=120)
                 refresh = gr.Button("Refresh", elem_id="train-refresh", min_width=100)
@@ -116,14 +118,14 @@ class TrainTab:
             gr.Markdown("**Recent trainings of this key**")
             jobs = gr.HTML(elem_id="train-jobs")
             timer = gr.Timer(POLL_S, active=False)
-        watch = [status, progress, timer, use]
+        watch = [status, progress, timer, use, jobs]
         tab.select(self.on_open, None, [note, jobs, job], queue=False)
         start.click(self.on_start, [photos, class_noun, subject_id, identifier, methods, steps],
-                    [*watch, job, jobs], queue=False)
-        refresh.click(self.on_refresh, [job], [*watch, jobs], queue=False)
-        job.input(self.on_refresh, [job], [*watch, jobs], queue=False)
+                    [*watch, job], queue=False)
+        refresh.click(self.on_refresh, [job], watch, queue=False)
+        job.input(self.on_refresh, [job], watch, queue=False)
         timer.tick(self.on_poll, [job], watch, queue=False, show_progress="hidden")
-        cancel.click(self.on_cancel, [job], [*watch, jobs], queue=False)
+        cancel.click(self.on_cancel, [job], watch, queue=False)
         use.click(self.on_use, [job], [tabs, gen_subject, cmp_subject, status], queue=False)
 
     # --- handlers
@@ -156,8 +158,8 @@ class TrainTab:
         view = next((j for j in listed if j["id"] == job_id), None) or {**answer, "id": job_id, "methods": {}}
         ids = [j["id"] for j in listed[:RECENT_JOBS]]
         return (said, progress_html(view), gr.Timer(active=view.get("state") not in ENDED),
-                gr.Button(visible=view.get("state") == "done"), gr.Dropdown(choices=ids, value=job_id),
-                jobs_html(listed))
+                gr.Button(visible=view.get("state") == "done"), jobs_html(listed),
+                gr.Dropdown(choices=ids, value=job_id))
 
     async def _watch(self, job_id: str, request: gr.Request) -> tuple:
         """(status, progress, timer, use button) for one job."""
@@ -171,10 +173,13 @@ class TrainTab:
         return (said, progress_html(view), gr.Timer(active=state not in ENDED), gr.Button(visible=state == "done"))
 
     async def on_poll(self, job_id, request: gr.Request):
+        """A timer tick: the job's progress; once it has ended, the list of jobs too."""
         try:
-            return await self._watch(job_id, request)
+            said, progress, timer, use = await self._watch(job_id, request)
+            listed = gr.skip() if timer.active else jobs_html(await self._jobs(self._key(request)))
         except StudioError as e:  # the timer stops; Refresh tries again
-            return _message(str(e), "error"), gr.skip(), gr.Timer(active=False), gr.skip()
+            return _message(str(e), "error"), gr.skip(), gr.Timer(active=False), gr.skip(), gr.skip()
+        return said, progress, timer, use, listed
 
     async def on_refresh(self, job_id, request: gr.Request):
         try:

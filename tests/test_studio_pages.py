@@ -208,7 +208,8 @@ def test_train_page_refuses_bad_uploads_naming_the_field(trainer, tmp_path):
         (([], "ball", "", "", ["comfusion"], None), "photos"),
         ((good, "", "", "", ["comfusion"], None), "class_noun"),
         ((good, "x" * 8000, "", "", ["comfusion"], None), "class_noun"),
-        ((good, "ball", "", "", ["comfusion"], 99999), "steps"),
+        ((good, "ball", "", "", ["comfusion"], "99999"), "steps"),
+        ((good, "ball", "", "", ["comfusion"], "ten"), "steps"),
         ((good, "ball", "Bad Id!", "", ["comfusion"], None), "id"),
         ((good * 2, "ball", "", "", ["comfusion"], None), "6 photos"),
         (([str(huge)], "ball", "", "", ["comfusion"], None), "too large"),
@@ -225,7 +226,8 @@ def test_train_page_refuses_bad_uploads_naming_the_field(trainer, tmp_path):
 def test_train_page_starts_watches_cancels_and_opens_generate(trainer):
     tab, ann, ben = trainer.tab, trainer.as_("ann"), trainer.as_("ben")
     ball = [str(p) for p in trainer.photos["yellow-ball"]]
-    status, progress, timer, use, job, jobs = asyncio.run(tab.on_start(ball, "ball", "alpha", "", ["comfusion"], 4, ann))
+    status, progress, timer, use, jobs, job = asyncio.run(
+        tab.on_start(ball, "ball", "alpha", "", ["comfusion"], "4", ann))
     assert "Training submitted" in status and 'id="train-state">queued<' in progress, status
     (job_id,) = trainer.jobs.jobs
     assert job.value == job_id and job_id in jobs and timer.active is True and use.visible is False
@@ -233,30 +235,30 @@ def test_train_page_starts_watches_cancels_and_opens_generate(trainer):
     assert submitted.metadata["owner"] == "ann" and submitted.metadata["steps"] == "4"  # tagged with the page's key
     assert "jobs/train_many.py" in submitted.entrypoint and len(stored_files(trainer.settings)) == 3
 
-    again, *_ = asyncio.run(tab.on_start(ball, "ball", "alpha", "", ["comfusion"], 4, ann))
+    again, *_ = asyncio.run(tab.on_start(ball, "ball", "alpha", "", ["comfusion"], "4", ann))
     assert f"following job `{job_id}`" in again  # the API's duplicate answer, not a second job
     box = [str(p) for p in trainer.photos["blue-box"]]
-    busy, *_ = asyncio.run(tab.on_start(box, "box", "", "", ["comfusion"], 4, ann))
+    busy, *_ = asyncio.run(tab.on_start(box, "box", "", "", ["comfusion"], "4", ann))
     assert "trainings queued or running" in busy and "try again in 30 s" in busy  # the API's 429
-    taken, *_ = asyncio.run(tab.on_start(box, "box", "alpha", "", ["comfusion"], 4, ben))
+    taken, *_ = asyncio.run(tab.on_start(box, "box", "alpha", "", ["comfusion"], "4", ben))
     assert "taken by another key" in taken  # 409
     assert len(trainer.jobs.jobs) == 1
     not_yours = asyncio.run(tab.on_poll(job_id, ben))
     assert f"no job '{job_id}'" in not_yours[0] and not_yours[2].active is False  # 404: the timer stops
 
     trainer.jobs.jobs[job_id].status = "RUNNING"
-    status, progress, timer, use = asyncio.run(tab.on_poll(job_id, ann))
+    status, progress, timer, use, listed = asyncio.run(tab.on_poll(job_id, ann))
     assert 'id="train-state">preparing priors<' in progress and "0/4" in progress and timer.active is True
     assert "not done yet" in asyncio.run(tab.on_use(job_id, ann))[-1]
 
     trainer.jobs.jobs[job_id].status = "SUCCEEDED"
-    status, progress, timer, use = asyncio.run(tab.on_poll(job_id, ann))
-    assert "is ready" in status and timer.active is False and use.visible is True
+    status, progress, timer, use, listed = asyncio.run(tab.on_poll(job_id, ann))
+    assert "is ready" in status and timer.active is False and use.visible is True and ">done<" in listed
     tabs, gen, cmp, said = asyncio.run(tab.on_use(job_id, ann))
     assert tabs.selected == "generate" and gen.value == "alpha" and ("alpha", "alpha") in gen.choices
 
     # a second job of ann's, cancelled from the page
-    status, *_, job, jobs = asyncio.run(tab.on_start(box, "box", "", "", ["comfusion", "dreambooth"], 4, ann))
+    status, *_, job = asyncio.run(tab.on_start(box, "box", "", "", ["comfusion", "dreambooth"], "", ann))
     second = job.value
     assert "Training submitted" in status and second != job_id
     status, progress, timer, use, jobs = asyncio.run(tab.on_cancel(second, ann))
