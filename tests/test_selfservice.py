@@ -96,7 +96,8 @@ def app(head, keys, tmp_path_factory):
                 api_keys_file=keys[0], default_steps=2, device="cpu", job_storage=str(head["storage"]),
                 ray_address=f"http://127.0.0.1:{head['DASHBOARD_PORT']}",
                 ray_token_file=str(head["home"] / ".ray" / "auth_token"), train_config=str(_train_config(folder)),
-                max_upload_bytes=200_000, max_trainings_per_key=1, lookup_wait_s=10.0)
+                max_upload_bytes=200_000, max_trainings_per_key=1, lookup_wait_s=10.0,
+                registry_timeout_s=10)  # MLflow's 2 s default: under load on the shared box calls timed out (500s)
     one = dict(num_replicas=1, ray_actor_options={"num_cpus": 0.25})
     config = {"http_options": {"host": "127.0.0.1", "port": head["SERVE_PORT"]}, "applications": [{
         "name": "comfusion", "route_prefix": "/", "import_path": "serve.app:build_app", "args": args,
@@ -276,6 +277,8 @@ def test_studio_train_page_trains_a_subject_and_opens_it_in_generate(app, keys, 
         assert "studio-ball (version 1)" in wait_for(driver, "#gen-status", text="studio-ball").text
         assert driver.find_element("css selector", "#generated img").get_attribute("src").startswith("data:image/png")
     finally:
+        driver.save_screenshot(str(tmp_path / "train-last-page.png"))  # what the page showed last, for a failure
+        print(f"last page: {tmp_path / 'train-last-page.png'}")
         driver.quit()
 
 
