@@ -154,7 +154,7 @@ class Studio:
                 cmp_subject = self._compare_tab()
                 self._vote_tab()
                 self._results_tab()
-                self.train.build(tabs, gen_subject, cmp_subject)
+                self.train.build(tabs, gen_subject, cmp_subject, notice)
             blocks.load(self.on_load, outputs=[who, notice, gen_subject, cmp_subject], queue=False)
         return blocks
 

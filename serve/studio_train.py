@@ -91,7 +91,7 @@ class TrainTab:
 
     # --- the page
 
-    def build(self, tabs: gr.Tabs, gen_subject: gr.Dropdown, cmp_subject: gr.Dropdown) -> None:
+    def build(self, tabs: gr.Tabs, gen_subject: gr.Dropdown, cmp_subject: gr.Dropdown, notice: gr.Markdown) -> None:
         with gr.Tab("Train", id="train") as tab:
             gr.Markdown("Upload 1 to 5 photos of one subject and name its class; the cluster trains it, and it "
                         "appears in Generate once done.")
@@ -126,7 +126,7 @@ class TrainTab:
         job.input(self.on_refresh, [job], watch, queue=False)
         timer.tick(self.on_poll, [job], watch, queue=False, show_progress="hidden")
         cancel.click(self.on_cancel, [job], watch, queue=False)
-        use.click(self.on_use, [job], [tabs, gen_subject, cmp_subject, status], queue=False)
+        use.click(self.on_use, [job], [tabs, gen_subject, cmp_subject, status, notice], queue=False)
 
     # --- handlers
 
@@ -213,6 +213,7 @@ class TrainTab:
             record = await self.backend.subject(view["subject"], caller)
             listed = sorted({r.id for r in await self.backend.subjects(caller)} | {record.id})
         except StudioError as e:
-            return gr.skip(), gr.skip(), gr.skip(), _message(str(e), "error")
+            return gr.skip(), gr.skip(), gr.skip(), _message(str(e), "error"), gr.skip()
         chosen = gr.Dropdown(choices=listed, value=record.id)
-        return gr.Tabs(selected="generate"), chosen, gr.Dropdown(choices=listed, value=record.id), ""
+        # the page's notice (e.g. "no subjects registered yet" from when it loaded) is cleared
+        return gr.Tabs(selected="generate"), chosen, gr.Dropdown(choices=listed, value=record.id), "", ""

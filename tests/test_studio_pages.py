@@ -249,13 +249,13 @@ def test_train_page_starts_watches_cancels_and_opens_generate(trainer):
     trainer.jobs.jobs[job_id].status = "RUNNING"
     status, progress, timer, use, listed = asyncio.run(tab.on_poll(job_id, ann))
     assert 'id="train-state">preparing priors<' in progress and "0/4" in progress and timer.active is True
-    assert "not done yet" in asyncio.run(tab.on_use(job_id, ann))[-1]
+    assert "not done yet" in asyncio.run(tab.on_use(job_id, ann))[3]
 
     trainer.jobs.jobs[job_id].status = "SUCCEEDED"
     status, progress, timer, use, listed = asyncio.run(tab.on_poll(job_id, ann))
     assert "is ready" in status and timer.active is False and use.visible is True and ">done<" in listed
-    tabs, gen, cmp, said = asyncio.run(tab.on_use(job_id, ann))
-    assert tabs.selected == "generate" and gen.value == "alpha" and ("alpha", "alpha") in gen.choices
+    tabs, gen, cmp, said, notice = asyncio.run(tab.on_use(job_id, ann))
+    assert notice == "" and tabs.selected == "generate" and gen.value == "alpha" and ("alpha", "alpha") in gen.choices
 
     # a second job of ann's, cancelled from the page
     status, *_, job = asyncio.run(tab.on_start(box, "box", "", "", ["comfusion", "dreambooth"], "", ann))
