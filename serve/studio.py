@@ -9,13 +9,18 @@ paper's user study (Table 2).
   questions; votes go to a SQL database (`serve.votes`).
 - **Results**: win rates per method pair and subject with Wilson 95% intervals, counts, a chart,
   CSV export, and logging to MLflow's `evaluation` run.
+- **Train** (`serve.studio_train`): upload photos, start a training through the app's own
+  self-service routes, watch it, then open the new subject in Generate.
 
 How it lives in the app: `serve.app` mounts `serve.studio_gate.StudioMount` at `/studio` when it is
 imported; `Ingress.__init__` calls `start_studio(self)`, which builds the Gradio app on the
 replica's registry, Generator handle and key store and installs it behind the gate. Every event
 runs unqueued (`queue=False`: one HTTP request, its inputs in the request) and pictures travel
 inline as data URIs, so nothing depends on a Gradio session or file cache held by one replica,
-and any Ingress replica can answer any request.
+and any Ingress replica can answer any request. The one exception is the Train page's photos:
+Gradio uploads them to the replica's file cache before "Start training" sends them on, so with
+several Ingress replicas both requests must reach the same one (a single replica, or sticky
+routing).
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ from comfusion.prompts import PAPER_SCENES  # noqa: E402
 from serve import votes as V  # noqa: E402
 from serve.studio_backend import AppBackend, StudioError, no_subjects_message  # noqa: E402
 from serve.studio_gate import caller_of, install  # noqa: E402
+from serve.studio_train import TrainTab  # noqa: E402
 
 log = logging.getLogger("ray.serve")
 FREE_PROMPT = "(free prompt)"
@@ -55,6 +61,7 @@ CSS = """
 .studio-pair figure { margin: 0; text-align: center; }
 .studio-table { border-collapse: collapse; font-size: .85em; }
 .studio-table td, .studio-table th { border-bottom: 1px solid #ddd; padding: 3px 6px; text-align: right; }
+#train-view progress { width: 8em; max-width: 30vw; }
 """
 
 
@@ -92,6 +99,7 @@ class Studio:
     def __init__(self, backend: AppBackend, keys, store: V.VoteStore, default_steps: int):
         self.backend, self.keys, self.store = backend, keys, store
         self.default_steps = default_steps
+        self.train = TrainTab(self)
         self.blocks = self._build()
         self._parent = FastAPI()
         gr.mount_gradio_app(self._parent, self.blocks, path="/studio", ssr_mode=False, footer_links=[],
@@ -141,11 +149,12 @@ class Studio:
                 gr.Markdown("## ComFusion studio")
                 who = gr.HTML(elem_id="who")
             notice = gr.Markdown(elem_id="notice")
-            with gr.Tabs():
+            with gr.Tabs() as tabs:
                 gen_subject = self._generate_tab()
                 cmp_subject = self._compare_tab()
                 self._vote_tab()
                 self._results_tab()
+                self.train.build(tabs, gen_subject, cmp_subject, notice)
             blocks.load(self.on_load, outputs=[who, notice, gen_subject, cmp_subject], queue=False)
         return blocks
 

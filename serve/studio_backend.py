@@ -1,8 +1,12 @@
-"""What the studio asks of the app: subjects, their versions, pictures, training photos, MLflow logging.
+"""What the studio asks of the app: subjects, their versions, pictures, training photos, MLflow logging,
+and the self-service training routes.
 
 `AppBackend` works inside an Ingress replica: the replica's own registry view, its Generator
 handle (the same multiplexed call `POST /v1/generate` makes, so a studio picture is the API's
-picture) and its tokenizer check. Errors come back as `StudioError` with a message for people.
+picture) and its tokenizer check. Training goes through the app's own HTTP routes
+(`serve.selfservice`), called in-process over ASGI with the signed-in key, so an upload from the
+studio meets the same checks, limits, owner tags and job submission as one sent with curl.
+Errors come back as `StudioError` with a message for people.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
+
 from comfusion.prompts import instance_scene_text
 from comfusion.registry import SERVING_ALIAS, visible_to
 from serve.auth import Caller
@@ -23,6 +29,9 @@ from serve.registry import RegistryUnavailable, SubjectRecord
 log = logging.getLogger("ray.serve")
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MAX_PHOTO_BYTES = 20 * 2**20
+API_TIMEOUT_S = 300.0  # an in-process call of a training route (an upload waits on the job API)
+NO_TRAINING = ("Self-service training is not set up on this app: it needs the Ray job API (`ray_address`) and "
+               "job storage (`job_storage`). Subjects can still be trained with `jobs/train_many.py`.")
 
 
 class StudioError(RuntimeError):
@@ -44,6 +53,27 @@ def read_detail(response) -> str:
         return f"status {getattr(response, 'status_code', '?')}"
 
 
+def api_problem(response: httpx.Response) -> str:
+    """One of the app's error answers as a sentence for the page (the API's own words, never a trace)."""
+    try:
+        body = response.json()
+        detail = body.get("message") or body.get("detail")
+        detail = detail if isinstance(detail, str) else json.dumps(detail)
+    except (ValueError, AttributeError):
+        detail = response.text[:300] or f"status {response.status_code}"
+    code, retry = response.status_code, response.headers.get("retry-after")
+    later = f" (try again in {retry} s)" if retry else ""
+    if code == 401:
+        return "Your key is no longer valid: reload the page and sign in again."
+    if code == 413:
+        return f"The photos are too large together ({detail}); send fewer or smaller photos."
+    if code == 422:
+        return f"Not accepted: {detail}"
+    if code == 503:
+        return f"Training is not available right now: {detail}{later}"
+    return f"{detail}{later}" if code in (403, 404, 409, 429) else f"The app answered {code}: {detail}"
+
+
 class AppBackend:
     """The studio's view of one Ingress replica."""
 
@@ -51,6 +81,36 @@ class AppBackend:
         self.ingress = ingress
         self.settings = ingress.settings
         self.registry = ingress.registry
+        self.api = None  # the Ingress's FastAPI app, seen on the first request through /studio (`attach_api`)
+
+    # --- the app's own training routes
+
+    def attach_api(self, app, upload_path: str) -> None:
+        """Remember the app serving /studio, and let Gradio's upload route (`upload_path`) take photos up
+        to the app's upload limit (the app's default body limit is for small JSON requests)."""
+        if self.api is not None or app is None or not hasattr(app, "state"):
+            return
+        limits = getattr(app.state, "body_limits", None) or {}
+        if hasattr(self.settings, "max_upload_bytes"):
+            app.state.body_limits = {**limits, upload_path: self.settings.max_upload_bytes}
+        self.api = app
+
+    async def call_api(self, method: str, path: str, key: str, **kwargs) -> httpx.Response:
+        """One request to the app's own routes, in this process, as the signed-in key."""
+        if self.api is None:
+            raise StudioError(NO_TRAINING)
+        transport = httpx.ASGITransport(app=self.api, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://ingress", timeout=API_TIMEOUT_S) as client:
+            return await client.request(method, path, headers={"Authorization": f"Bearer {key}"}, **kwargs)
+
+    async def training_api(self, method: str, path: str, key: str, **kwargs) -> dict:
+        """The JSON of a 2xx answer; StudioError with the API's reason otherwise."""
+        response = await self.call_api(method, path, key, **kwargs)
+        if response.status_code == 503 and "not set up" in response.text:
+            raise StudioError(NO_TRAINING)
+        if response.status_code >= 400:
+            raise StudioError(api_problem(response))
+        return response.json()
 
     # --- subjects
 

@@ -39,6 +39,12 @@ def installed():
     return _installed
 
 
+def key_of(cookies: dict) -> str:
+    """The API key a studio request carries ("" when none)."""
+    key = cookies.get(COOKIE, "")
+    return key if len(key) <= MAX_KEY_CHARS else ""
+
+
 def caller_of(store: KeyStore | None, cookies: dict) -> Caller | None:
     """The key's owner when the request carries a valid studio cookie, else None."""
     key = cookies.get(COOKIE, "")
@@ -129,6 +135,9 @@ class StudioMount:
             if scope["type"] == "http":
                 await response(scope, receive, send)
             return
+        # the app serving this request (Starlette's scope["app"], before Gradio sets its own): the Train
+        # page calls its training routes in-process
+        studio.backend.attach_api(scope.get("app"), f"{_root(scope)}/gradio_api/upload")
         await studio.asgi(scope, receive, send)
 
     async def _gate(self, scope, receive, studio) -> Response | None:

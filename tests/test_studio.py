@@ -6,34 +6,18 @@ Skips, saying why, where Chromium or chromedriver is missing (CI installs them: 
 """
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from cluster_helpers import start_serve
+from browser_helpers import (WAIT_S, choose, click, images, make_browser, open_tab, pick, shot, sign_in, skip_reason,
+                             wait_for)
+from cluster_helpers import free_port, start_serve
 from test_serve import Registry
 
 pytestmark = pytest.mark.ray
-CHROMIUM = next((p for p in (os.environ.get("CHROME_BIN"), "/usr/bin/chromium", shutil.which("chromium"),
-                             shutil.which("chromium-browser"), shutil.which("google-chrome")) if p and Path(p).exists()), None)
-DRIVER = next((p for p in (os.environ.get("CHROMEDRIVER"), "/usr/bin/chromedriver", shutil.which("chromedriver"))
-               if p and Path(p).exists()), None)
-WAIT_S = 180  # the shared 2-core box: a first render loads a subject into the Generator
-
-
-def _skip_reason() -> str | None:
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        return "selenium is not installed (pip install -e '.[dev]')"
-    if CHROMIUM is None or DRIVER is None:
-        return ("no Chromium + chromedriver on this machine (Debian: apt-get install chromium chromium-driver; "
-                ".ci/run installs them)")
-    return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -67,7 +51,7 @@ def add_dreambooth(reg: Registry, subject_id: str, noise_seed: int, identifier: 
 @pytest.fixture(scope="module")
 def app_url(registry, api_key):
     """The app (one replica of each deployment) on a local Ray cluster, Serve on a free port."""
-    if (reason := _skip_reason()) is not None:
+    if (reason := skip_reason()) is not None:
         pytest.skip(reason)
     import ray
     from ray import serve
@@ -77,7 +61,8 @@ def app_url(registry, api_key):
 
     settings = ServeSettings(base="tiny", tracking_uri=registry.uri, cache_dir=str(registry.root / "cache"),
                              api_keys_file=api_key.file, default_steps=2, device="cpu", registry_ttl_s=1.0,
-                             lookup_wait_s=10.0, votes_url=f"sqlite:///{registry.root}/votes.db")
+                             lookup_wait_s=10.0, votes_url=f"sqlite:///{registry.root}/votes.db",
+                             ray_address=f"http://127.0.0.1:{free_port()}")  # no job API: Train says so
     port = start_serve()
     app = make_app(settings, generator_options=dict(num_replicas=1, ray_actor_options={"num_cpus": 0.25}),
                    ingress_options=dict(num_replicas=1, ray_actor_options={"num_cpus": 0.25}))
@@ -98,23 +83,9 @@ def app_url(registry, api_key):
 # the browser
 
 
-def make_browser(width: int = 1280, height: int = 900):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                f"--window-size={width},{height}", "--disable-extensions", "--no-first-run"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
-    driver.set_page_load_timeout(WAIT_S)
-    return driver
-
-
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    if (reason := _skip_reason()) is not None:
+    if (reason := skip_reason()) is not None:
         pytest.skip(reason)
     driver = make_browser()
     yield driver
@@ -122,79 +93,6 @@ def browser(tmp_path_factory):
     driver.save_screenshot(str(path))
     print(f"last page: {path}")
     driver.quit()
-
-
-def wait_for(driver, css: str, timeout: float = WAIT_S, text: str | None = None):
-    """The first element matching `css` that is displayed (and contains `text`), waiting for it."""
-    from selenium.common.exceptions import StaleElementReferenceException
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            for el in driver.find_elements("css selector", css):
-                if el.is_displayed() and (text is None or text in el.text):
-                    return el
-        except StaleElementReferenceException:
-            pass
-        assert time.monotonic() < deadline, f"no {css!r}{f' with {text!r}' if text else ''} within {timeout} s"
-        time.sleep(0.3)
-
-
-def sign_in(driver, url: str, key: str) -> None:
-    driver.get(f"{url}/studio/")
-    wait_for(driver, "#key").send_keys(key)
-    driver.find_element("css selector", "#sign-in").click()
-    wait_for(driver, "#who", text="signed in as")
-
-
-def open_tab(driver, name: str) -> None:
-    for tab in driver.find_elements("css selector", "button[role='tab']"):
-        if tab.text.strip() == name:
-            tab.click()
-            return
-    raise AssertionError(f"no tab {name!r}")
-
-
-def click(driver, css: str) -> None:
-    el = wait_for(driver, css)
-    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", el)
-    el.click()
-
-
-def pick(driver, elem_id: str, option: str) -> None:
-    """Choose `option` in a Gradio dropdown."""
-    click(driver, f"#{elem_id} input")
-    click(driver, f"#{elem_id} li[aria-label='{option}']")
-    deadline = time.monotonic() + 30
-    while driver.find_element("css selector", f"#{elem_id} input").get_attribute("value") != option:
-        assert time.monotonic() < deadline, f"{elem_id}: {option!r} not chosen"
-        time.sleep(0.2)
-
-
-def choose(driver, elem_id: str, side: str) -> None:
-    click(driver, f"#{elem_id} input[value='{side}']")
-
-
-def shot(driver, name: str) -> None:
-    """With STUDIO_SCREENSHOTS=<folder>: save the page as <folder>/studio-<name>.png (the README's pictures),
-    made small: at most 900 px wide, 64 colours."""
-    folder = os.environ.get("STUDIO_SCREENSHOTS")
-    if not folder:
-        return
-    from PIL import Image
-
-    time.sleep(1)  # let the last update paint
-    path = Path(folder) / f"studio-{name}.png"
-    driver.save_screenshot(str(path))
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if im.width > 900:
-            im = im.resize((900, round(im.height * 900 / im.width)), Image.Resampling.LANCZOS)
-        im.quantize(64).save(path, optimize=True)
-
-
-def images(driver, css: str) -> list:
-    return [el for el in driver.find_elements("css selector", css) if el.get_attribute("src").startswith("data:image/png")]
 
 
 # ---------------------------------------------------------------------------------------
@@ -281,5 +179,12 @@ def test_studio_fits_a_phone(app_url, api_key):
         overflow = driver.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 2, f"the page is {overflow} px wider than a phone"
         shot(driver, "phone")
+        # the Train page fits too, and says plainly that this app has no training (no Ray job API here)
+        open_tab(driver, "Train")
+        note = wait_for(driver, "#train-note", text="not available").text
+        assert "Ray job API" in note and "Traceback" not in note
+        wait_for(driver, "#train-start")
+        overflow = driver.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 2, f"the Train page is {overflow} px wider than a phone"
     finally:
         driver.quit()

@@ -117,3 +117,153 @@ def test_results_chart_of_a_one_sided_vote(text_choice):
     assert {r["a_win_rate"] for r in table} == {0.0 if text_choice == "right" else 1.0}
     png = results_chart(table)
     assert Image.open(io.BytesIO(png)).size[0] > 100 and "<td class=\"res-votes\">3</td>" in results_table(table)
+
+
+# ---------------------------------------------------------------------------------------
+# the Train page: the app's real self-service routes (serve.app's FastAPI app, called in-process as the
+# page does), real MLflow (sqlite) and real photo checks; only Ray's job API is a stand-in, since no
+# Ray job can run here
+
+
+class StandInJobs:
+    """What `serve.selfservice` uses of Ray's `JobSubmissionClient`: it keeps the submitted jobs, and a
+    test moves them through Ray's states."""
+
+    def __init__(self):
+        self.jobs: dict[str, SimpleNamespace] = {}
+
+    def submit_job(self, *, entrypoint, submission_id, runtime_env, metadata):
+        self.jobs[submission_id] = SimpleNamespace(submission_id=submission_id, status="PENDING", metadata=metadata,
+                                                   start_time=1000 + len(self.jobs), end_time=None, message="",
+                                                   entrypoint=entrypoint, runtime_env=runtime_env)
+        return submission_id
+
+    def list_jobs(self):
+        return list(self.jobs.values())
+
+    def stop_job(self, job_id):
+        self.jobs[job_id].status = "STOPPED"
+        return True
+
+    def get_job_logs(self, job_id):
+        return ""
+
+
+@pytest.fixture()
+def trainer(tmp_path):
+    """A studio whose Train page calls serve.app's routes, as the keys `ann` and `ben`; its stand-in jobs."""
+    from jobs.demo_subjects import write_demo_subjects
+    from serve import selfservice
+    from serve import studio as S
+    from serve import votes as V
+    from serve.app import api
+    from serve.auth import KeyStore, create_key
+    from serve.settings import ServeSettings
+    from serve.studio_backend import AppBackend
+
+    keys_file = tmp_path / "keys.json"
+    keys = {name: create_key(keys_file, name, rate_per_s=1e6, burst=10**6) for name in ("ann", "ben")}
+    settings = ServeSettings(cache_dir=str(tmp_path / "cache"), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+                             job_storage=str(tmp_path / "storage"), max_upload_bytes=200_000, max_trainings_per_key=1)
+    api.state.keys = KeyStore(str(keys_file))
+    selfservice.install(api, settings)
+    api.state.trainings._client = jobs = StandInJobs()
+    st = S.Studio(AppBackend(FakeIngress(dict(RECORDS), settings)), api.state.keys,
+                  V.VoteStore(f"sqlite:///{tmp_path}/v.db"), 2)
+    st.backend.attach_api(api, "/studio/gradio_api/upload")
+    photos = write_demo_subjects(tmp_path / "photos")
+    try:
+        yield SimpleNamespace(studio=st, tab=st.train, jobs=jobs, keys=keys, photos=photos, settings=settings,
+                              as_=lambda name: request_with(None, keys[name]))
+    finally:
+        for name in ("keys", "trainings", "body_limits"):
+            if hasattr(api.state, name):
+                delattr(api.state, name)
+
+
+def stored_files(settings) -> list:
+    from pathlib import Path
+
+    uploads = Path(settings.job_storage) / "uploads"
+    return sorted(uploads.rglob("*")) if uploads.exists() else []
+
+
+def test_train_page_without_self_service_says_so(studio, api_key):
+    st = studio()
+    note, jobs, _ = asyncio.run(st.train.on_open(request_with(api_key)))
+    assert "not set up on this app" in note and jobs == ""
+    status, *_ = asyncio.run(st.train.on_start([], "dog", "", "", ["comfusion"], None, request_with(api_key)))
+    assert "not set up on this app" in status and "Traceback" not in status
+
+
+def test_train_page_refuses_bad_uploads_naming_the_field(trainer, tmp_path):
+    tab, ann = trainer.tab, trainer.as_("ann")
+    good = [str(p) for p in trainer.photos["yellow-ball"]]
+    text = tmp_path / "notes.png"
+    text.write_text("just some text")
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(trainer.photos["yellow-ball"][0].read_bytes() + b"\0" * 250_000)
+    cases = [
+        (([str(text)], "ball", "", "", ["comfusion"], None), "notes.png"),
+        (([], "ball", "", "", ["comfusion"], None), "photos"),
+        ((good, "", "", "", ["comfusion"], None), "class_noun"),
+        ((good, "x" * 8000, "", "", ["comfusion"], None), "class_noun"),
+        ((good, "ball", "", "", ["comfusion"], "99999"), "steps"),
+        ((good, "ball", "", "", ["comfusion"], "ten"), "steps"),
+        ((good, "ball", "Bad Id!", "", ["comfusion"], None), "id"),
+        ((good * 2, "ball", "", "", ["comfusion"], None), "6 photos"),
+        (([str(huge)], "ball", "", "", ["comfusion"], None), "too large"),
+    ]
+    for args, said in cases:
+        status, *_ = asyncio.run(tab.on_start(*args, ann))
+        assert status.startswith("**Error:**") and said in status, (said, status)
+        assert "Traceback" not in status
+    status, *_ = asyncio.run(tab.on_start(good, "ball", "", "", ["comfusion"], None, request_with(None, "cfk_nope")))
+    assert "no longer valid" in status
+    assert stored_files(trainer.settings) == [] and trainer.jobs.jobs == {}  # nothing stored, nothing submitted
+
+
+def test_train_page_starts_watches_cancels_and_opens_generate(trainer):
+    tab, ann, ben = trainer.tab, trainer.as_("ann"), trainer.as_("ben")
+    ball = [str(p) for p in trainer.photos["yellow-ball"]]
+    status, progress, timer, use, jobs, job = asyncio.run(
+        tab.on_start(ball, "ball", "alpha", "", ["comfusion"], "4", ann))
+    assert "Training submitted" in status and 'id="train-state">queued<' in progress, status
+    (job_id,) = trainer.jobs.jobs
+    assert job.value == job_id and job_id in jobs and timer.active is True and use.visible is False
+    submitted = trainer.jobs.jobs[job_id]
+    assert submitted.metadata["owner"] == "ann" and submitted.metadata["steps"] == "4"  # tagged with the page's key
+    assert "jobs/train_many.py" in submitted.entrypoint and len(stored_files(trainer.settings)) == 3
+
+    again, *_ = asyncio.run(tab.on_start(ball, "ball", "alpha", "", ["comfusion"], "4", ann))
+    assert f"following job `{job_id}`" in again  # the API's duplicate answer, not a second job
+    box = [str(p) for p in trainer.photos["blue-box"]]
+    busy, *_ = asyncio.run(tab.on_start(box, "box", "", "", ["comfusion"], "4", ann))
+    assert "trainings queued or running" in busy and "try again in 30 s" in busy  # the API's 429
+    taken, *_ = asyncio.run(tab.on_start(box, "box", "alpha", "", ["comfusion"], "4", ben))
+    assert "taken by another key" in taken  # 409
+    assert len(trainer.jobs.jobs) == 1
+    not_yours = asyncio.run(tab.on_poll(job_id, ben))
+    assert f"no job '{job_id}'" in not_yours[0] and not_yours[2].active is False  # 404: the timer stops
+
+    trainer.jobs.jobs[job_id].status = "RUNNING"
+    status, progress, timer, use, listed = asyncio.run(tab.on_poll(job_id, ann))
+    assert 'id="train-state">preparing priors<' in progress and "0/4" in progress and timer.active is True
+    assert "not done yet" in asyncio.run(tab.on_use(job_id, ann))[3]
+
+    trainer.jobs.jobs[job_id].status = "SUCCEEDED"
+    status, progress, timer, use, listed = asyncio.run(tab.on_poll(job_id, ann))
+    assert "is ready" in status and timer.active is False and use.visible is True and ">done<" in listed
+    tabs, gen, cmp, said, notice = asyncio.run(tab.on_use(job_id, ann))
+    assert notice == "" and tabs.selected == "generate" and gen.value == "alpha" and ("alpha", "alpha") in gen.choices
+
+    # a second job of ann's, cancelled from the page
+    status, *_, job = asyncio.run(tab.on_start(box, "box", "", "", ["comfusion", "dreambooth"], "", ann))
+    second = job.value
+    assert "Training submitted" in status and second != job_id
+    status, progress, timer, use, jobs = asyncio.run(tab.on_cancel(second, ann))
+    assert "Cancelling" in status and 'id="train-state">cancelled<' in progress and "comfusion" in progress
+    again = asyncio.run(tab.on_cancel(second, ann))
+    assert "already ended" in again[0]  # the API's 409
+    note, jobs, choices = asyncio.run(tab.on_open(ann))
+    assert note == "" and jobs.count("<tr>") == 3  # the header and ann's two jobs
