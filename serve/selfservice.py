@@ -495,6 +495,20 @@ async def create_subject(request: Request, caller: Caller = Security(require_key
         return await _create_subject(request, caller, trainings(request))
     except Refused as e:
         return e.response()
+    except Exception as e:  # noqa: BLE001
+        return registry_outage(e).response()
+
+
+def registry_outage(e: Exception) -> Refused:
+    """MLflow that does not answer in time (or answers 5xx) while a route reads or writes it: 503 with
+    Retry-After, as for the job API; anything else is raised on, for the app's 500 handler."""
+    import requests  # noqa: PLC0415
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415
+
+    if not isinstance(e, (MlflowException, requests.RequestException, TimeoutError)):
+        raise e
+    log.warning("registry unavailable: %s: %s", type(e).__name__, _one_line(e)[:200])
+    return Refused(503, "registry", f"the registry does not answer ({type(e).__name__}); retry later", RETRY_AFTER_S)
 
 
 async def _create_subject(request: Request, caller: Caller, tr: Trainings) -> JSONResponse:
@@ -537,6 +551,8 @@ async def list_jobs(request: Request, caller: Caller = Security(require_key)):
         return {"jobs": [await asyncio.to_thread(tr.view, j) for j in jobs]}
     except Refused as e:
         return e.response()
+    except Exception as e:  # noqa: BLE001
+        return registry_outage(e).response()
 
 
 @router.get("/v1/jobs/{job_id}", responses={404: {"description": "no such job for this key"}})
@@ -549,6 +565,8 @@ async def get_job(job_id: str, request: Request, caller: Caller = Security(requi
         return await asyncio.to_thread(tr.view, job)
     except Refused as e:
         return e.response()
+    except Exception as e:  # noqa: BLE001
+        return registry_outage(e).response()
 
 
 @router.delete("/v1/jobs/{job_id}", status_code=202, responses={
@@ -565,3 +583,5 @@ async def stop_job(job_id: str, request: Request, caller: Caller = Security(requ
                                                       "location": f"/v1/jobs/{job_id}"})
     except Refused as e:
         return e.response()
+    except Exception as e:  # noqa: BLE001
+        return registry_outage(e).response()

@@ -267,3 +267,27 @@ def test_train_page_starts_watches_cancels_and_opens_generate(trainer):
     assert "already ended" in again[0]  # the API's 409
     note, jobs, choices = asyncio.run(tab.on_open(ann))
     assert note == "" and jobs.count("<tr>") == 3  # the header and ann's two jobs
+
+
+def test_job_routes_answer_503_while_mlflow_does_not(trainer, monkeypatch):
+    """MLflow down (nothing listens at its address) while a job exists: the job routes say 503 with
+    Retry-After and the field `registry`, never a 500."""
+    import dataclasses
+
+    from cluster_helpers import free_port
+    from serve.app import api
+
+    tab, ann = trainer.tab, trainer.as_("ann")
+    status, *_ = asyncio.run(tab.on_start([str(p) for p in trainer.photos["yellow-ball"]], "ball", "", "",
+                                          ["comfusion"], None, ann))
+    assert trainer.jobs.jobs, status
+    job_id = next(iter(trainer.jobs.jobs))
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    tr = api.state.trainings
+    tr.settings = dataclasses.replace(tr.settings, tracking_uri=f"http://127.0.0.1:{free_port()}")
+    backend = trainer.studio.backend
+    for method, path in (("GET", "/v1/jobs"), ("GET", f"/v1/jobs/{job_id}")):
+        answer = asyncio.run(backend.call_api(method, path, trainer.keys["ann"]))
+        assert answer.status_code == 503 and answer.headers["retry-after"], (path, answer.text)
+        assert "registry does not answer" in answer.json()["detail"]
