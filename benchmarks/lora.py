@@ -115,32 +115,69 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class LoraMaker:
+    """Many distinct LoRA subjects on one base, cheaply: the adapters are added once, and each
+    subject gets its own seeded B matrices (A stays the template's) before it is saved."""
+
+    def __init__(self, base_name: str, rank: int):
+        self.base, self.base_name = load_base(base_name), base_name
+        self.settings = LoraSettings(rank=rank, alpha=float(rank))
+        add_adapters(self.base["unet"], self.base["text_encoder"], self.settings, False, seed=0)
+        self.b_params = [p for n, p in self.base["unet"].named_parameters() if "lora_B" in n]
+
+    def make(self, folder: Path, sid: str, seed: int) -> Path:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in self.b_params:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+        meta = SubjectMeta(id=sid, identifier="sks", class_noun="dog", base_model=self.base_name)
+        return save_lora_subject(folder, self.base["unet"], self.base["text_encoder"], meta, self.settings, dtype="fp16")
+
+
+def register_lean(client, experiment_id: str, folder: Path, sid: str) -> int:
+    """Register one new subject's checkpoint with 6 MLflow calls: a run, its checkpoint folder
+    logged once (the adapter file and subject.json), the registered model, one version with the
+    tags Serve reads, its `serving` alias, the run's end. `jobs.tracking.register_checkpoint`
+    makes about 15 (it is safe against retries and concurrent writers, so it searches the versions
+    table several times and sets the method alias too), which made registering 1000 slow."""
+    from comfusion import registry
+    from comfusion.checkpoint import verify_checkpoint
+
+    meta = verify_checkpoint(folder)
+    run = client.create_run(experiment_id)
+    client.log_artifacts(run.info.run_id, str(folder), registry.CHECKPOINT_ARTIFACT)
+    client.create_registered_model(sid, description=registry.MODEL_DESCRIPTION)
+    tags = registry.version_tags(sid, meta.identifier, meta.class_noun, "comfusion", meta.created, meta.kind)
+    source = f"{run.info.artifact_uri.rstrip('/')}/{registry.CHECKPOINT_ARTIFACT}"
+    version = client.create_model_version(sid, source=source, run_id=run.info.run_id, tags=tags).version
+    client.set_registered_model_alias(sid, registry.SERVING_ALIAS, str(version))
+    client.set_terminated(run.info.run_id)
+    return int(version)
+
+
 def register_loras(root: Path, n: int, rank: int) -> str:
     """`n` LoRA subjects on the tiny base in an MLflow sqlite registry; returns its URI."""
     from mlflow import MlflowClient
 
-    from jobs.tracking import register_checkpoint
-
     uri = f"sqlite:///{root}/mlflow.db"
     client = MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("lora-bench", artifact_location=str(root / "artifacts"))
-    base = load_base("tiny")
+    maker = LoraMaker("tiny", rank)
     t0 = time.perf_counter()
     for i in range(n):
-        folder = fake_lora(base, root / "ckpt" / f"lora-{i}", f"lora-{i}", i, rank, "tiny")
-        run = client.create_run(exp)
-        register_checkpoint(client, run.info.run_id, folder, f"lora-{i}", "comfusion")
-        client.set_terminated(run.info.run_id)
-        if (i + 1) % 100 == 0:
+        register_lean(client, exp, maker.make(root / "ckpt" / f"lora-{i}", f"lora-{i}", i), f"lora-{i}")
+        if (i + 1) % 100 == 0 or i + 1 == n:
             print(f"  registered {i + 1}/{n} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return uri
 
 
-def start_app(uri: str, root: Path, name: str, **overrides) -> str:
+def start_app(uri: str, root: Path, name: str, **overrides) -> tuple[str, dict]:
+    """Start app `name` on the tiny base; its URL and the headers carrying an admin API key."""
     import ray
     from ray import serve
 
     from serve.app import make_app
+    from serve.auth import local_key
     from serve.settings import ServeSettings
 
     global _PORT
@@ -148,12 +185,13 @@ def start_app(uri: str, root: Path, name: str, **overrides) -> str:
         ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
         _PORT = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": _PORT})
+    keys_file, headers = local_key(root)
     settings = ServeSettings(base="tiny", tracking_uri=uri, cache_dir=str(root / f"cache-{name}"), device="cpu",
-                             default_steps=2, lookup_wait_s=10.0, **overrides)
+                             api_keys_file=keys_file, default_steps=2, lookup_wait_s=10.0, **overrides)
     app = make_app(settings, generator_options=dict(num_replicas=1, ray_actor_options={"num_cpus": 1}),
                    ingress_options=dict(num_replicas=1, ray_actor_options={"num_cpus": 0.25}))
     serve.run(app, name=name, route_prefix=f"/{name}")
-    return f"http://127.0.0.1:{_PORT}/{name}"
+    return f"http://127.0.0.1:{_PORT}/{name}", headers
 
 
 def stop_app(name: str) -> None:
@@ -166,33 +204,42 @@ def stop_app(name: str) -> None:
 def section_many(args, root: Path) -> None:
     import httpx
 
+    t0 = time.perf_counter()
     uri = register_loras(root, args.subjects, rank=4)
-    url = start_app(uri, root, "many", max_adapters_per_replica=args.adapter_cache, max_models_per_replica=1)
+    print(f"[many] registered {args.subjects} LoRA subjects in {time.perf_counter() - t0:.0f} s "
+          f"(load average {os.getloadavg()[0]:.1f})", flush=True)
+    url, headers = start_app(uri, root, "many", max_adapters_per_replica=args.adapter_cache, max_models_per_replica=1)
     failures, every = 0, max(1, args.subjects // 10)
     print(f"[many] {args.subjects} LoRA subjects through one replica, adapter cache {args.adapter_cache}:", flush=True)
-    with httpx.Client(base_url=url, timeout=300) as http:
+    with httpx.Client(base_url=url, timeout=300, headers=headers) as http:
         t0 = time.perf_counter()
         for rnd in range(args.rounds):
             for i in range(args.subjects):
                 r = http.post("/v1/generate", json={"subject": f"lora-{i}", "prompt": "a sks dog", "seed": i})
                 failures += r.status_code != 200
+                if r.status_code != 200 and failures <= 3:
+                    print(f"  lora-{i} failed: {r.status_code} {r.text[:200]}", flush=True)
                 seen = rnd * args.subjects + i + 1
                 if seen % every == 0 or seen == 1:
                     s = http.get("/v1/stats").json()
                     print(f"  requests {seen:5d}  adapters cached {s['adapters']:4d}  "
                           f"adapter MB {s['adapter_bytes'] / 2**20:6.2f}  RSS {s['rss_bytes'] / 2**20:7.0f} MB  "
-                          f"evictions {s['adapter_evictions']}", flush=True)
+                          f"evictions {s['adapter_evictions']}  {time.perf_counter() - t0:5.0f} s  "
+                          f"load {os.getloadavg()[0]:.1f}", flush=True)
         took = time.perf_counter() - t0
+        s = http.get("/v1/stats").json()
     stop_app("many")
     total = args.rounds * args.subjects
-    print(f"[many] served {total - failures}/{total} requests ({failures} failed) in {took:.0f} s", flush=True)
+    print(f"[many] served {total - failures}/{total} requests ({failures} failed) in {took:.0f} s; "
+          f"{s['adapter_evictions']} adapter evictions, {s['lora_swaps']} LoRA swaps, "
+          f"{s['pipeline_builds']} pipeline build(s); load average {os.getloadavg()}", flush=True)
 
 
-async def _burst(url: str, n: int, rounds: int) -> tuple[float, list[float], int]:
+async def _burst(url: str, headers: dict, n: int, rounds: int) -> tuple[float, list[float], int]:
     import httpx
 
     lat, failures = [], 0
-    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=300, headers=headers) as client:
         async def one(i: int):
             nonlocal failures
             t0 = time.perf_counter()
@@ -213,8 +260,8 @@ def section_batch(args, root: Path) -> None:
     uri = register_loras(root / "batch", 1, rank=4)
     results = {}
     for name, size in (("unbatched", 1), ("batched", 8)):
-        url = start_app(uri, root / "batch", name, max_batch_size=size, batch_wait_s=0.02)
-        took, lat, failures = asyncio.run(_burst(url, args.concurrency, args.rounds_batch))
+        url, headers = start_app(uri, root / "batch", name, max_batch_size=size, batch_wait_s=0.02)
+        took, lat, failures = asyncio.run(_burst(url, headers, args.concurrency, args.rounds_batch))
         stop_app(name)
         n = len(lat)
         p99 = sorted(lat)[max(0, int(0.99 * n) - 1)]
@@ -237,6 +284,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--adapter-cache", type=int, default=200, help="max_adapters_per_replica of the many section")
     ap.add_argument("--concurrency", type=int, default=8, help="concurrent same-subject requests (batch section)")
     ap.add_argument("--rounds-batch", type=int, default=4, help="bursts of --concurrency requests per app")
+    ap.add_argument("--tmp-dir", default=None,
+                    help="where the run's scratch folder (registry, checkpoints, caches) goes, e.g. /dev/shm "
+                         "(default: the system temp folder)")
     args = ap.parse_args(argv)
     for name in ("rank", "repeats", "subjects", "rounds", "adapter_cache", "concurrency", "rounds_batch"):
         if getattr(args, name) < 1:
@@ -247,7 +297,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    with tempfile.TemporaryDirectory(prefix="lora-bench-") as tmp:
+    if args.tmp_dir is not None and not Path(args.tmp_dir).is_dir():
+        print(f"--tmp-dir {args.tmp_dir!r} is not a folder", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="lora-bench-", dir=args.tmp_dir) as tmp:
         root = Path(tmp)
         for name in args.only:
             globals()[f"section_{name}"](args, root)
