@@ -3,7 +3,8 @@
 1. size: a LoRA subject (rank `--rank`, UNet attention) against a full one (UNet + text encoder,
    fp16) on `sd15-arch` shapes; the LoRA file is written for real (target: at most 1%).
 2. swap: putting a subject into a loaded `sd15-arch` pipeline on this machine: a full subject
-   (in-place copy) against a LoRA one (hot-swap, and delete + load); target: LoRA >= 20x faster.
+   (in-place copy) against a LoRA one through a slot padded to `--max-rank` (same shape, and
+   another rank on other modules), and without padding (unload + load); target: LoRA >= 20x faster.
 3. many: `--subjects` LoRA subjects registered in an MLflow sqlite registry and cycled through one
    Generator replica (tiny base, real Ray Serve and HTTP); every request must succeed; prints the
    replica's RSS against subjects seen (bounded by `--adapter-cache`).
@@ -36,16 +37,18 @@ import torch  # noqa: E402
 
 from comfusion.checkpoint import SubjectMeta, load_subject_weights_, snapshot_weights  # noqa: E402
 from comfusion.config import LoraSettings  # noqa: E402
-from comfusion.lora import SubjectSlot, add_adapters, read_lora_subject, save_lora_subject  # noqa: E402
+from comfusion.lora import (SubjectSlot, add_adapters, read_lora_subject, save_lora_subject,  # noqa: E402
+                            unload_lora)
 from comfusion.models import build_base_components, load_base  # noqa: E402
 
 SECTIONS = ("size", "swap", "many", "batch")
 _PORT = 0  # Serve's HTTP port, once started
 
 
-def fake_lora(base: dict, folder: Path, sid: str, seed: int, rank: int, base_name: str) -> Path:
+def fake_lora(base: dict, folder: Path, sid: str, seed: int, rank: int, base_name: str,
+              targets: tuple[str, ...] = LoraSettings.unet_targets) -> Path:
     """A LoRA subject on `base` with seeded nonzero adapters (as training leaves them)."""
-    settings = LoraSettings(rank=rank, alpha=float(rank))
+    settings = LoraSettings(rank=rank, alpha=float(rank), unet_targets=targets)
     add_adapters(base["unet"], base["text_encoder"], settings, False, seed=seed)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -77,32 +80,38 @@ def _time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _alternate(slot: SubjectSlot, loras: list, repeats: int) -> float:
+    """Median time of putting the other of two LoRA subjects into `slot` (after a warm-up pair)."""
+    turn = itertools.count()
+    for i in range(2):
+        slot.use_lora(f"warm{i}", loras[i])
+
+    def swap():
+        i = next(turn)
+        slot.use_lora(f"s{i}", loras[i % 2])
+
+    return _time(swap, repeats)
+
+
 def section_swap(args, root: Path) -> None:
     base = build_base_components("sd15-arch")
-    loras = [read_lora_subject(fake_lora(base, root / f"swap-{i}", f"s{i}", i, args.rank, "sd15-arch"))
-             for i in range(2)]
+    shapes = [(args.rank, LoraSettings.unet_targets), (2 * args.rank, ("to_q", "to_v")),
+              (args.rank, LoraSettings.unet_targets)]
+    loras = [read_lora_subject(fake_lora(base, root / f"swap-{i}", f"s{i}", i, rank, "sd15-arch", targets))
+             for i, (rank, targets) in enumerate(shapes)]
     full_state = snapshot_weights(base)  # a full subject's state dicts in host memory (fp32, as served on CPU)
     full_s = _time(lambda: load_subject_weights_(base, full_state), args.repeats)
-    slot = SubjectSlot(base)
-    slot.use_lora("warm", loras[1])
-    turn = itertools.count()
-
-    def hot():  # the other subject into the same adapter, in place
-        i = next(turn)
-        slot.use_lora(f"h{i}", loras[i % 2])
-
-    hot_s = _time(hot, args.repeats)
-
-    def fresh():  # delete the adapter, load the other one anew
-        slot.use_lora("x", loras[0])
-        base["unet"].unload_lora()
-        slot._adapter_shape = None
-        slot.current = None
-
-    cold_s = _time(fresh, args.repeats)
+    same, other = [loras[0], loras[2]], [loras[0], loras[1]]  # same shape; rank and modules differ
+    padded = SubjectSlot(base, max_rank=args.max_rank)
+    same_s, other_s = _alternate(padded, same, args.repeats), _alternate(padded, other, args.repeats)
+    assert padded.swaps.get("unpadded_load", 0) == 0, padded.swaps
+    unload_lora(base)  # the padded adapter out: the unpadded slot starts from the plain base
+    cold_s = _alternate(SubjectSlot(base, max_rank=0), other, args.repeats)  # no padding: unload + load
     print(f"[swap] sd15-arch on {torch.get_num_threads()} thread(s): full subject {full_s * 1000:.0f} ms; "
-          f"LoRA hot-swap {hot_s * 1000:.1f} ms ({full_s / hot_s:.0f}x faster); LoRA delete + load "
-          f"{cold_s * 1000:.1f} ms ({full_s / cold_s:.0f}x) (target >= 20x)", flush=True)
+          f"LoRA through a slot padded to rank {args.max_rank}: same shape {same_s * 1000:.1f} ms "
+          f"({full_s / same_s:.0f}x faster), other rank and modules (r{shapes[0][0]} on 4 attention modules "
+          f"<-> r{shapes[1][0]} on 2) {other_s * 1000:.1f} ms ({full_s / other_s:.0f}x); the other shape without "
+          f"padding (unload + load) {cold_s * 1000:.1f} ms ({full_s / cold_s:.0f}x) (target >= 20x)", flush=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -131,7 +140,8 @@ class LoraMaker:
             for p in self.b_params:
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
         meta = SubjectMeta(id=sid, identifier="sks", class_noun="dog", base_model=self.base_name)
-        return save_lora_subject(folder, self.base["unet"], self.base["text_encoder"], meta, self.settings, dtype="fp16")
+        return save_lora_subject(folder, self.base["unet"], self.base["text_encoder"], meta, self.settings,
+                                 dtype="fp16")
 
 
 def register_lean(client, experiment_id: str, folder: Path, sid: str) -> int:
@@ -279,6 +289,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="sections to run")
     ap.add_argument("--rank", type=int, default=4, help="LoRA rank of the size and swap sections")
     ap.add_argument("--repeats", type=int, default=5, help="timed swaps per kind")
+    ap.add_argument("--max-rank", type=int, default=16, help="lora_max_rank of the swap section's padded slot")
     ap.add_argument("--subjects", type=int, default=1000, help="LoRA subjects of the many section")
     ap.add_argument("--rounds", type=int, default=1, help="passes over all subjects in the many section")
     ap.add_argument("--adapter-cache", type=int, default=200, help="max_adapters_per_replica of the many section")
@@ -288,9 +299,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="where the run's scratch folder (registry, checkpoints, caches) goes, e.g. /dev/shm "
                          "(default: the system temp folder)")
     args = ap.parse_args(argv)
-    for name in ("rank", "repeats", "subjects", "rounds", "adapter_cache", "concurrency", "rounds_batch"):
+    for name in ("rank", "repeats", "max_rank", "subjects", "rounds", "adapter_cache", "concurrency", "rounds_batch"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if "swap" in args.only and 2 * args.rank > args.max_rank:
+        ap.error(f"--max-rank must be >= 2 x --rank (the swap section's second subject has rank {2 * args.rank})")
     return args
 
 

@@ -452,7 +452,8 @@ def add_padded_adapter(components: dict, modules: set[str], rank: int) -> dict[s
             if not names:
                 continue
             model = components[part]
-            config = LoraConfig(r=rank, lora_alpha=rank, target_modules=names, lora_dropout=0.0, init_lora_weights=False)
+            config = LoraConfig(r=rank, lora_alpha=rank, target_modules=names, lora_dropout=0.0,
+                                init_lora_weights=False)
             if part == "unet":
                 model.add_adapter(config, adapter_name=ACTIVE)
                 model.set_adapters([ACTIVE])
@@ -464,7 +465,8 @@ def add_padded_adapter(components: dict, modules: set[str], rank: int) -> dict[s
                     module.requires_grad_(False)
                     layers[f"{part}.{name}"] = module
     if layers.keys() != modules:
-        raise ValueError(f"padded LoRA adapter: modules {sorted(modules ^ layers.keys())[:3]} do not fit the base model")
+        misfits = sorted(modules ^ layers.keys())[:3]
+        raise ValueError(f"padded LoRA adapter: modules {misfits} do not fit the base model")
     return layers
 
 
