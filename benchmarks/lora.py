@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import itertools
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -118,12 +117,6 @@ def section_swap(args, root: Path) -> None:
 # Serve sections
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LoraMaker:
     """Many distinct LoRA subjects on one base, cheaply: the adapters are added once, and each
     subject gets its own seeded B matrices (A stays the template's) before it is saved."""
@@ -186,15 +179,14 @@ def start_app(uri: str, root: Path, name: str, **overrides) -> tuple[str, dict]:
     import ray
     from ray import serve
 
+    from cluster_helpers import start_serve  # tests/
     from serve.app import make_app
     from serve.auth import local_key
     from serve.settings import ServeSettings
 
     global _PORT
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-        _PORT = _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": _PORT})
+    if not ray.is_initialized():  # retried: a loaded box can miss Serve's fixed 60 s proxy start window
+        _PORT = start_serve(address="local")
     keys_file, headers = local_key(root)
     settings = ServeSettings(base="tiny", tracking_uri=uri, cache_dir=str(root / f"cache-{name}"), device="cpu",
                              api_keys_file=keys_file, default_steps=2, lookup_wait_s=10.0, **overrides)
