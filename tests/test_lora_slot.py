@@ -133,8 +133,13 @@ def test_padded_slot_zeroes_what_a_subject_does_not_adapt(shapes, subjects):
 
 
 def test_slot_refuses_a_negative_max_rank():
+    from serve.settings import ServeSettings
+
     with pytest.raises(ValueError, match="max_rank"):
         SubjectSlot({}, max_rank=-1)
+    with pytest.raises(ValueError, match="serve arg 'lora_max_rank'"):
+        ServeSettings(lora_max_rank=-1)
+    assert ServeSettings.from_args({"lora_max_rank": 8}).lora_max_rank == 8
 
 
 def test_evaluator_takes_both_kinds(subjects):
