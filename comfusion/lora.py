@@ -12,8 +12,11 @@ The project's sampler uses the same diffusers loaders (`activate_lora`) on its c
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
+import logging
+import re
 from pathlib import Path
 
 import torch
@@ -241,6 +244,7 @@ def unload_lora(components: dict) -> None:
 
 
 ACTIVE = "subject"  # the adapter name a SubjectSlot loads LoRA subjects under
+log = logging.getLogger(__name__)
 
 
 class SubjectSlot:
@@ -248,31 +252,45 @@ class SubjectSlot:
 
     A full subject's weights are copied in place (`load_subject_weights_`); the base weights are
     snapshotted (host memory) before the first full subject replaces them, and restored before a
-    LoRA subject is activated. A LoRA subject is one adapter named `ACTIVE`: the next LoRA subject
-    with the same rank, alpha and adapted modules is hot-swapped into it (its tensors copied in), any
-    other replaces it (unload, then diffusers' loader). `current` names what is in the components (None: the base).
+    LoRA subject is activated. A LoRA subject goes into one adapter named `ACTIVE`:
+
+    - with `max_rank` > 0, a *padded* adapter: rank `max_rank` on the union of the modules LoRA
+      subjects adapted so far. A subject of rank r <= `max_rank` is copied in (A's first r rows,
+      B's first r columns, the rest zero; modules it does not adapt zero) and each layer's r and
+      alpha set to the subject's, so the scale alpha / r and the image are the unpadded adapter's.
+      Only a subject adapting a module not seen before rebuilds the adapter (once, to the union).
+    - otherwise (no padding, a rank above `max_rank`, DoRA, rsLoRA, rank/alpha patterns) an
+      adapter of the subject's own shape: the next subject of the same rank, alpha and modules is
+      copied into it, any other replaces it (unload, then diffusers' loader: ~100x slower).
+
+    `current` names what is in the components (None: the base); `swaps` counts each kind of swap.
     """
 
-    def __init__(self, components: dict):
-        self.components = components
+    def __init__(self, components: dict, max_rank: int = 0):
+        if max_rank < 0:
+            raise ValueError(f"max_rank must be >= 0 (0: no padding), got {max_rank}")
+        self.components, self.max_rank = components, max_rank
         self.current: str | None = None
+        self.swaps = collections.Counter()  # "in_place", "padded_build", "unpadded_load", "full"
         self._base: tuple[dict, dict] | None = None  # the base weights, once a full subject displaced them
         self._full_in = False  # a full subject's weights are in the modules
-        self._adapter_shape: tuple | None = None  # (rank, alpha, keys) of the loaded adapter
+        self._adapter_shape: tuple | None = None  # (rank, alpha, keys) of a loaded unpadded adapter
         self._adapter_params: dict[str, torch.Tensor] = {}  # its parameters, "unet.<name>" / "text_encoder.<name>"
+        self._padded: dict[str, BaseTunerLayer] | None = None  # the loaded padded adapter's layers by module
+        self._pad_modules: set[str] = set()  # every module a padded subject adapted (the next build's targets)
+        self._warned = False
 
     def use_full(self, key: str, state: tuple) -> None:
         """Copy a full subject's `(unet_state, text_state, ...)` in place."""
         if self.current == key:
             return
         self.current = None  # unknown until the copy completes
-        if self._adapter_shape is not None:
-            unload_lora(self.components)
-            self._adapter_shape = None
+        self._unload_adapter()
         if self._base is None:
             self._base = snapshot_weights(self.components)
         self._full_in = True
         load_subject_weights_(self.components, state)
+        self.swaps["full"] += 1
         self.current = key
 
     def use_lora(self, key: str, weights: LoraWeights) -> None:
@@ -283,17 +301,11 @@ class SubjectSlot:
         if self._full_in:
             load_subject_weights_(self.components, self._base)
             self._full_in = False
-        shape = _adapter_shape(weights)
-        same = shape == self._adapter_shape
-        self._adapter_shape = None  # unknown while loading
-        if same:  # hot-swap: the new tensors into the loaded adapter's own, in place
-            _copy_into_adapter(self._adapter_params, weights)
+        modules = self._paddable(weights)
+        if modules is not None:
+            self._use_padded(modules)
         else:
-            unload_lora(self.components)
-            activate_lora(self.components, weights, ACTIVE)
-            self._adapter_params = {f"{part}.{n}": p for part in ("unet", "text_encoder")
-                                    for n, p in self.components[part].named_parameters() if "lora_" in n}
-        self._adapter_shape = shape
+            self._use_unpadded(weights)
         self.current = key
 
     def use_folder(self, folder: str | Path, dtype: torch.dtype | None = None) -> SubjectMeta:
@@ -304,6 +316,52 @@ class SubjectSlot:
         else:
             self.use_full(str(folder), read_subject_weights(folder, dtype=dtype))
         return meta
+
+    def _paddable(self, weights: LoraWeights) -> dict[str, tuple] | None:
+        """The subject's `lora_modules`, or None (logged once) when it must load unpadded."""
+        if self.max_rank == 0:
+            return None
+        try:
+            modules = lora_modules(weights)
+            rank = max(a.shape[0] for a, _, _ in modules.values())
+            if rank > self.max_rank:
+                raise ValueError(f"rank {rank} is above lora_max_rank {self.max_rank}")
+        except ValueError as e:
+            if not self._warned:
+                log.warning("LoRA subject %r: %s; such subjects are loaded unpadded (unload + load, about "
+                            "100x slower than an in-place swap). Logged once.", weights.meta.id, e)
+                self._warned = True
+            return None
+        return modules
+
+    def _use_padded(self, modules: dict[str, tuple]) -> None:
+        if self._padded is None or not modules.keys() <= self._padded.keys():
+            self._pad_modules |= modules.keys()
+            self._unload_adapter()
+            self._padded = add_padded_adapter(self.components, self._pad_modules, self.max_rank)
+            self.swaps["padded_build"] += 1
+        else:
+            self.swaps["in_place"] += 1
+        copy_padded_(self._padded, modules)
+
+    def _use_unpadded(self, weights: LoraWeights) -> None:
+        shape = _adapter_shape(weights)
+        same = shape == self._adapter_shape
+        self._adapter_shape = None  # unknown while loading
+        if same:  # hot-swap: the new tensors into the loaded adapter's own, in place
+            _copy_into_adapter(self._adapter_params, weights)
+            self.swaps["in_place"] += 1
+        else:
+            self._unload_adapter()
+            activate_lora(self.components, weights, ACTIVE)
+            self._adapter_params = {f"{part}.{n}": p for part in ("unet", "text_encoder")
+                                    for n, p in self.components[part].named_parameters() if "lora_" in n}
+            self.swaps["unpadded_load"] += 1
+        self._adapter_shape = shape
+
+    def _unload_adapter(self) -> None:
+        unload_lora(self.components)  # also after a load that failed half-way
+        self._adapter_shape, self._padded, self._adapter_params = None, None, {}
 
 
 def _adapter_shape(weights: LoraWeights) -> tuple:
@@ -337,3 +395,97 @@ def _copy_into_adapter(params: dict[str, torch.Tensor], weights: LoraWeights) ->
             for key, value in _peft_keys(own).items():
                 name = key.replace(".lora_A.", f".lora_A.{ACTIVE}.").replace(".lora_B.", f".lora_B.{ACTIVE}.")
                 params[prefix + name].copy_(value)
+
+
+# ---------------------------------------------------------------------------------------
+# the padded adapter: one layout for every LoRA subject up to a rank
+
+
+_AB_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<AB>[AB])\.weight$")
+# LoraConfig entries a plain padded adapter cannot express (their "off" values)
+_UNPADDABLE = {"use_dora": False, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False}
+
+
+def _part_config(weights: LoraWeights, part: str) -> dict:
+    """The subject's LoraConfig entries for `part` ("unet" / "text_encoder"): from the file's
+    metadata, else rank and alpha from subject.json."""
+    prefix = part + "."
+    packed = {k[len(prefix):]: v for k, v in (weights.metadata or {}).items() if k.startswith(prefix)}
+    if not packed:
+        lora = weights.meta.lora or {}
+        packed = {"r": lora.get("rank"), "lora_alpha": lora.get("alpha")}
+    if packed.get("r") is None or packed.get("lora_alpha") is None:
+        raise ValueError(f"no rank and alpha recorded for its {part} adapters")
+    for key, off in _UNPADDABLE.items():
+        if packed.get(key, off) not in (off, None):
+            raise ValueError(f"its {part} LoraConfig sets {key}={packed[key]!r}")
+    return packed
+
+
+def lora_modules(weights: LoraWeights) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """A LoRA subject by adapted module ("unet.<module>", "text_encoder.<module>"): (A (r, in, ...),
+    B (out, r, ...), alpha). ValueError with the reason when it is not plain LoRA: a key that is no
+    A/B weight, a rank that differs from its config, DoRA, rsLoRA, per-module patterns."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in _peft_keys(weights.state).items():
+        match = _AB_KEY.match(key)
+        if match is None:
+            raise ValueError(f"key {key!r} is not a LoRA A/B weight")
+        pairs.setdefault(match["module"], {})[match["AB"]] = value
+    configs = {part: _part_config(weights, part) for part in {m.split(".", 1)[0] for m in pairs}}
+    out = {}
+    for module, ab in pairs.items():
+        config = configs[module.split(".", 1)[0]]
+        if set(ab) != {"A", "B"} or ab["A"].shape[0] != config["r"] or ab["B"].shape[1] != config["r"]:
+            raise ValueError(f"module {module!r}: A/B do not form a rank-{config['r']} pair")
+        out[module] = (ab["A"], ab["B"], float(config["lora_alpha"]))
+    return out
+
+
+def add_padded_adapter(components: dict, modules: set[str], rank: int) -> dict[str, BaseTunerLayer]:
+    """Add adapter `ACTIVE` of rank `rank` on exactly `modules` ("unet.<name>" / "text_encoder.<name>")
+    and make it active; returns its layers by module. Its weights are set by `copy_padded_`."""
+    layers = {}
+    with torch.random.fork_rng(devices=[]):  # PEFT initialises from the global RNG: leave the caller's as it was
+        for part in ("unet", "text_encoder"):
+            names = sorted(m.split(".", 1)[1] for m in modules if m.split(".", 1)[0] == part)
+            if not names:
+                continue
+            model = components[part]
+            config = LoraConfig(r=rank, lora_alpha=rank, target_modules=names, lora_dropout=0.0,
+                                init_lora_weights=False)
+            if part == "unet":
+                model.add_adapter(config, adapter_name=ACTIVE)
+                model.set_adapters([ACTIVE])
+            else:
+                _inject_text_adapter(model, config, ACTIVE)
+            for name, module in model.named_modules():
+                if isinstance(module, BaseTunerLayer) and ACTIVE in getattr(module, "lora_A", {}):
+                    module.set_adapter(ACTIVE)
+                    module.requires_grad_(False)
+                    layers[f"{part}.{name}"] = module
+    if layers.keys() != modules:
+        misfits = sorted(modules ^ layers.keys())[:3]
+        raise ValueError(f"padded LoRA adapter: modules {misfits} do not fit the base model")
+    return layers
+
+
+def copy_padded_(layers: dict[str, BaseTunerLayer], modules: dict[str, tuple]) -> None:
+    """Copy a subject's `lora_modules` into the padded layers, zero-padded to the layers' rank; set
+    each layer's r and alpha to the subject's, so its scale is the subject's own alpha / r (and
+    stays so if something recomputes it). Layers the subject does not adapt are zeroed."""
+    with torch.no_grad():
+        for name, layer in layers.items():
+            lora_a, lora_b = layer.lora_A[ACTIVE].weight, layer.lora_B[ACTIVE].weight  # (R, in), (out, R)
+            if name not in modules:
+                lora_a.zero_()
+                lora_b.zero_()
+                continue
+            a, b, alpha = modules[name]
+            r = a.shape[0]
+            lora_a[:r].copy_(a)
+            lora_a[r:].zero_()
+            lora_b[:, :r].copy_(b)
+            lora_b[:, r:].zero_()
+            layer.r[ACTIVE], layer.lora_alpha[ACTIVE] = r, alpha
+            layer.scaling[ACTIVE] = alpha / r

@@ -4,8 +4,9 @@ A replica keeps one base pipeline. Its subjects' weights wait in host memory in 
 a few full subjects (each a whole UNet and text encoder, ~2 GB at SD 1.5 in fp16) and many
 LoRA subjects (each a few MB of adapter tensors, `comfusion.lora.LoraWeights`). `SubjectSlot`
 (comfusion.lora) puts one of them at a time into the pipeline: a full subject by an in-place
-copy, a LoRA subject as a diffusers/PEFT adapter (hot-swapped into the loaded adapter when the
-rank and targets match, else deleted and loaded).
+copy, a LoRA subject by a copy into one PEFT adapter padded to `lora_max_rank` on the union of the
+modules adapted so far (any rank up to it, any subset of those modules); a subject above that rank
+is loaded as an adapter of its own shape (unload + diffusers' loader, about 100x slower).
 """
 from __future__ import annotations
 

@@ -227,7 +227,7 @@ class Generator:
         self.components = load_base(settings.base, seed=settings.preset_seed, device=self.device, dtype=self.dtype)
         self.pipeline_builds = 1  # never rebuilt for a request: only weights are swapped
         self.registry = _registry(settings)
-        self.slot = SubjectSlot(self.components)  # what is in the pipeline now (slot.current)
+        self.slot = SubjectSlot(self.components, max_rank=settings.lora_max_rank)  # what is in the pipeline now
         self.cache = SubjectWeightsCache(settings.max_models_per_replica, settings.max_adapters_per_replica,
                                          int(settings.adapter_cache_mb * 2**20), on_full_evict=self._released)
         self._lock = asyncio.Lock()  # held from before a request's thread starts until it has ended
@@ -420,7 +420,7 @@ class Generator:
                     current=self.slot.current, max_models_per_replica=self.settings.max_models_per_replica,
                     max_adapters_per_replica=self.settings.max_adapters_per_replica,
                     rss_bytes=psutil.Process().memory_info().rss, cpu_seconds=cpu.user + cpu.system,
-                    busy=self._lock.locked(), **self.cache.stats(), **self._counts)
+                    busy=self._lock.locked(), slot_swaps=dict(self.slot.swaps), **self.cache.stats(), **self._counts)
 
 
 # ---------------------------------------------------------------------------------------

@@ -69,6 +69,8 @@ class ServeSettings:
     max_train_steps: int = 2000  # the most training steps a client may ask for
     max_adapters_per_replica: int = 1000  # LoRA subjects a replica keeps in host memory (LRU; a few MB each)
     adapter_cache_mb: float = 8192.0  # and at most this many MB of them
+    # LoRA subjects up to this rank swap in place (one adapter padded to it); higher ranks unload + load; 0: no padding
+    lora_max_rank: int = 16
     max_batch_size: int = 8  # same-subject requests rendered in one sampler call (1: no batching)
     batch_wait_s: float = 0.01  # how long a request waits for others of its subject to join its batch
 
@@ -102,6 +104,7 @@ class ServeSettings:
             (self.max_train_steps >= 1, "max_train_steps", "must be >= 1"),
             (self.max_adapters_per_replica >= 1, "max_adapters_per_replica", "must be >= 1"),
             (self.adapter_cache_mb > 0, "adapter_cache_mb", "must be > 0"),
+            (0 <= self.lora_max_rank <= 256, "lora_max_rank", "must be in 0..256 (0: no padding)"),
             (1 <= self.max_batch_size <= 64, "max_batch_size", "must be in 1..64"),
             (0 <= self.batch_wait_s <= 1, "batch_wait_s", "must be in [0, 1] seconds"),
         ]

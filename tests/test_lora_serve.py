@@ -21,13 +21,14 @@ from test_serve import Registry, cluster  # noqa: F401  (fixture)
 pytestmark = pytest.mark.ray
 FULL = {"alpha": 100}
 LORA = {"lora-a": 2, "lora-b": 3, "lora-c": 4, "lora-d": 5}
+SHAPES = {"lora-c": dict(rank=4, targets=("to_q", "to_v"))}  # the others: rank 2 on the four attention modules
 
 
 class LoraRegistry(Registry):
     def add_lora(self, subject_id: str, seed: int) -> int:
         from jobs.tracking import register_checkpoint
 
-        folder = _lora(self.root / "ckpt" / subject_id, seed, sid=subject_id)
+        folder = _lora(self.root / "ckpt" / subject_id, seed, sid=subject_id, **SHAPES.get(subject_id, {}))
         run = self.client.create_run(self.experiment)
         version = register_checkpoint(self.client, run.info.run_id, folder, subject_id, "comfusion")
         self.client.set_terminated(run.info.run_id)
@@ -55,7 +56,8 @@ def http(cluster, registry, api_key):  # noqa: F811
 
     settings = ServeSettings(base="tiny", tracking_uri=registry.uri, cache_dir=str(registry.root / "cache"),
                              api_keys_file=api_key.file,
-                             max_models_per_replica=1, max_adapters_per_replica=3, default_steps=2, device="cpu",
+                             max_models_per_replica=1, max_adapters_per_replica=3, lora_max_rank=8,
+                             default_steps=2, device="cpu",
                              registry_ttl_s=1.0, lookup_wait_s=10.0, batch_wait_s=0.3)
     app = make_app(settings, generator_options=dict(num_replicas=1, ray_actor_options={"num_cpus": 0.25}),
                    ingress_options=dict(num_replicas=1, ray_actor_options={"num_cpus": 0.25}))
@@ -89,6 +91,9 @@ def test_full_and_lora_subjects_side_by_side(http, registry):
     assert stats["pipeline_builds"] == 1
     assert stats["adapters"] <= 3 and stats["adapter_evictions"] >= 1  # 4 LoRA subjects, room for 3
     assert len(stats["loaded"]) <= 1 and stats["lora_swaps"] >= 6
+    # every LoRA swap into the padded adapter (rank 8), the rank-4 subject on fewer modules included:
+    # rebuilt only after a full subject displaced it, never an unpadded load
+    assert stats["slot_swaps"].get("unpadded_load", 0) == 0 and stats["slot_swaps"]["in_place"] >= 3, stats
 
 
 def test_same_subject_requests_share_one_sampler_call(http, registry, cluster, api_key):  # noqa: F811

@@ -21,9 +21,11 @@ def _meta(sid: str) -> SubjectMeta:
     return SubjectMeta(id=sid, identifier="sks", class_noun="dog", base_model="tiny")
 
 
-def _lora(folder, seed: int, rank: int = 2, text: bool = False, sid: str | None = None):
+def _lora(folder, seed: int, rank: int = 2, text: bool = False, sid: str | None = None,
+          targets: tuple[str, ...] = LoraSettings.unet_targets, alpha: float | None = None):
     base = load_base("tiny")
-    settings = LoraSettings(rank=rank, alpha=2.0 * rank, text_encoder_targets=("q_proj",) if text else ())
+    settings = LoraSettings(rank=rank, alpha=2.0 * rank if alpha is None else alpha, unet_targets=targets,
+                            text_encoder_targets=("q_proj",) if text else ())
     add_adapters(base["unet"], base["text_encoder"], settings, text, seed=seed)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -65,15 +67,79 @@ def alone(subjects):
     return out
 
 
-def test_every_switch_renders_the_subject_alone(subjects, alone):
+@pytest.mark.parametrize("max_rank", [0, 8])
+def test_every_switch_renders_the_subject_alone(subjects, alone, max_rank):
     assert all(np.abs(alone[k] - alone["base"]).mean() > 1 for k in subjects)  # each one changes the image
     components = load_base("tiny")
-    slot = SubjectSlot(components)
+    slot = SubjectSlot(components, max_rank=max_rank)
     order = ["lora_a", "lora_b", "full", "lora_b", "lora_r4", "lora_a", "full", "full", "lora_a"]
     for name in order:  # hot-swap (a -> b), full over LoRA, LoRA over full, another rank, repeats
         meta = slot.use_folder(subjects[name])
         assert slot.current == str(subjects[name]) and meta.kind == ("full" if name == "full" else "lora")
         assert np.abs(_image(components) - alone[name]).max() <= 1, f"after switching to {name}"
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """LoRA subjects of different shapes: rank 2 on two UNet modules (alpha 3), rank 8 on four plus
+    the text encoder, rank 16 (above the slot's 8)."""
+    root = tmp_path_factory.mktemp("shapes")
+    return {"r2": _lora(root / "r2", 5, rank=2, targets=("to_q", "to_v"), alpha=3.0),
+            "r8": _lora(root / "r8", 6, rank=8, text=True), "r16": _lora(root / "r16", 7, rank=16)}
+
+
+def test_padded_slot_swaps_every_shape_in_place(subjects, shapes, caplog):
+    alone = {}
+    for name, folder in shapes.items():  # each subject in a fresh base, unpadded (diffusers' loader)
+        components = load_base("tiny")
+        SubjectSlot(components).use_folder(folder)
+        alone[name] = _image(components)
+    assert np.abs(alone["r2"] - alone["r8"]).mean() > 1
+    components = load_base("tiny")
+    slot = SubjectSlot(components, max_rank=8)
+    kinds = []
+    for name in ["r2", "r8", "r2", "r8", "r2", "r16", "r8", "r2"]:
+        before = dict(slot.swaps)
+        with caplog.at_level("WARNING", logger="comfusion.lora"):
+            slot.use_folder(shapes[name])
+        kinds.append(next(k for k in slot.swaps if slot.swaps[k] != before.get(k, 0)))
+        assert np.abs(_image(components) - alone[name]).max() <= 1, f"after switching to {name}"
+    # r8 adapts modules r2 does not: one rebuild to the union, then every swap between them in place;
+    # r16 loads unpadded, and r8 after it rebuilds the padding (on the union of modules seen)
+    assert kinds == ["padded_build", "padded_build", "in_place", "in_place", "in_place", "unpadded_load",
+                     "padded_build", "in_place"], kinds
+    warnings = [r.getMessage() for r in caplog.records if "unpadded" in r.getMessage()]
+    assert len(warnings) == 1 and "rank 16 is above lora_max_rank 8" in warnings[0], warnings
+
+
+def test_padded_slot_zeroes_what_a_subject_does_not_adapt(shapes, subjects):
+    """After a rank-8 subject with text-encoder adapters, a rank-2 UNet-only one leaves every
+    other weight of the padded adapter zero, and its own layers carry its alpha / r."""
+    components = load_base("tiny")
+    slot = SubjectSlot(components, max_rank=8)
+    slot.use_folder(shapes["r8"])
+    slot.use_folder(shapes["r2"])
+    layers = slot._padded
+    adapted = [n for n in layers if n.endswith(("to_q", "to_v")) and n.startswith("unet.")]
+    assert len(adapted) > 0 and any(n.startswith("text_encoder.") for n in layers)
+    for name, layer in layers.items():
+        a, b = layer.lora_A["subject"].weight, layer.lora_B["subject"].weight
+        assert a.shape[0] == 8 and b.shape[1] == 8
+        if name in adapted:
+            assert a[:2].abs().sum() > 0 and a[2:].abs().sum() == 0 and b[:, 2:].abs().sum() == 0
+            assert layer.scaling["subject"] == 3.0 / 2
+        else:
+            assert a.abs().sum() == 0 and b.abs().sum() == 0, name
+
+
+def test_slot_refuses_a_negative_max_rank():
+    from serve.settings import ServeSettings
+
+    with pytest.raises(ValueError, match="max_rank"):
+        SubjectSlot({}, max_rank=-1)
+    with pytest.raises(ValueError, match="serve arg 'lora_max_rank'"):
+        ServeSettings(lora_max_rank=-1)
+    assert ServeSettings.from_args({"lora_max_rank": 8}).lora_max_rank == 8
 
 
 def test_evaluator_takes_both_kinds(subjects):
