@@ -235,13 +235,14 @@ def table(folder: Path) -> str:
     refs = [f["refs"] for f in files if "refs" in f]
     trained = [f for f in files if "row" in f]
     n_inst = len({f["instance"] for f in files})
-    head = ["row", "step", "prompt"] + [h for _, h in COLUMNS] + ["sks emb moved", "cos(sks, own colour)",
+    head = ["row", "n", "step", "prompt"] + [h for _, h in COLUMNS] + ["sks emb moved", "cos(sks, own colour)",
                                                                  "cos(sks, other colours)", "train s"]
-    lines = [f"{n_inst} instances; mean over instances", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    lines = [f"{n_inst} instances; mean over the n instances each row ran on", "",
+             "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for key, label in REFS.items():
         recs = [r[key] for r in refs if key in r]
         if recs:
-            lines.append(f"| {label} | - | - | " + " | ".join(f"{_mean(recs, c):.3f}" for c, _ in COLUMNS)
+            lines.append(f"| {label} | {len(recs)} | - | - | " + " | ".join(f"{_mean(recs, c):.3f}" for c, _ in COLUMNS)
                          + " | - | - | - | - |")
     for row in ROWS:
         runs = [f for f in trained if f["row"] == row]
@@ -253,7 +254,7 @@ def table(folder: Path) -> str:
                 secs = np.mean([f["train_seconds"] for f in runs]) if step == max(r["step"] for f in runs
                                                                                     for r in f["records"]) else None
                 cells.append(f"{secs:.0f}" if secs is not None else "")
-                lines.append(f"| {ROWS[row][0]} | {step} | {PROMPTS[kind]} | " + " | ".join(cells) + " |")
+                lines.append(f"| {ROWS[row][0]} | {len(recs)} | {step} | {PROMPTS[kind]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

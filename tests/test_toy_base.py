@@ -90,7 +90,7 @@ def test_tiny_run_writes_tasks_and_the_table_and_resumes(tmp_path):
     refs = json.loads((tmp_path / "tasks" / "red-ball-100--refs.json").read_text())["refs"]
     assert refs["real"]["inst"] < refs["other"]["inst"]
     md = (tmp_path / "table.md").read_text()
-    assert md.count("| UNet only (text encoder frozen) |") == 4 and "| Real Images" in md
+    assert md.count("| UNet only (text encoder frozen) | 1 |") == 4 and "| Real Images" in md
     again = _run(*args)  # every task done: nothing trains again
     assert again.returncode == 0 and "sampling and scoring" not in again.stdout
     report = _run("--report-only", "--out", str(tmp_path))
