@@ -134,8 +134,9 @@ def identifier_stats(tokenizer, text_encoder, row0: torch.Tensor, inst: world.In
 class Probe:
     """Trainer callback: at each checkpoint, sample every prompt kind in every scene and score."""
 
-    def __init__(self, cfg: JobConfig, inst: world.Instance, scenes: list[str], checkpoints: tuple[int, ...]):
-        self.cfg, self.inst, self.scenes, self.checkpoints = cfg, inst, scenes, checkpoints
+    def __init__(self, cfg: JobConfig, inst: world.Instance, scenes: list[str], checkpoints: tuple[int, ...],
+                 prompts: tuple[str, ...] = tuple(PROMPTS)):
+        self.cfg, self.inst, self.scenes, self.checkpoints, self.prompts = cfg, inst, scenes, checkpoints, prompts
         self.trainer, self.row0, self.records, self.eval_seconds = None, None, [], 0.0
 
     def on_step(self, step: int, terms: dict, lr: float) -> None:
@@ -145,7 +146,7 @@ class Probe:
         tr.unet.eval()
         tr.text_encoder.eval()
         ident = identifier_stats(tr.tokenizer, tr.text_encoder, self.row0, self.inst, self.scenes)
-        for kind in PROMPTS:
+        for kind in self.prompts:
             images = tq._sample(tr.components, self.cfg, prompt_texts(kind, self.inst, self.scenes),
                                 self.cfg.sampler.guidance_scale)
             self.records.append({"step": step, "prompt": kind, **ident,
@@ -156,7 +157,7 @@ class Probe:
 
 
 def train_row(cfg: JobConfig, inst: world.Instance, photo: str, scenes: list[str],
-              checkpoints: tuple[int, ...]) -> dict:
+              checkpoints: tuple[int, ...], prompts: tuple[str, ...] = tuple(PROMPTS)) -> dict:
     from comfusion.config import SubjectSpec  # noqa: PLC0415
     from comfusion.data import check_subject  # noqa: PLC0415
     from comfusion.train import Priors, SubjectTrainer, obtain_priors  # noqa: PLC0415
@@ -166,7 +167,7 @@ def train_row(cfg: JobConfig, inst: world.Instance, photo: str, scenes: list[str
                        scenes=tuple(cfg.data.scenes))
     subject = check_subject(spec, cfg.data, cfg.model.resolution)
     found = obtain_priors(cfg, subject, device="cpu")
-    probe = Probe(cfg, inst, scenes, checkpoints)
+    probe = Probe(cfg, inst, scenes, checkpoints, prompts)
     trainer = SubjectTrainer(cfg, subject, Priors(found.latents, list(found.prompts), list(found.scenes)),
                              device="cpu", callbacks=probe)
     probe.trainer = trainer
@@ -211,7 +212,7 @@ def run(args, cfg: JobConfig, out: Path) -> None:
             if path.exists():
                 continue
             rcfg = cfg.replace(**ROWS[row][1], **{"train.steps": max(args.checkpoints)})
-            result = train_row(rcfg, inst, photos[sid], scenes, tuple(args.checkpoints))
+            result = train_row(rcfg, inst, photos[sid], scenes, tuple(args.checkpoints), tuple(args.prompts))
             _write(path, {"instance": sid, "row": row, **result})
             say(f"{sid} {row}: train {result['train_seconds']:.0f} s, sampling and scoring "
                 f"{result['eval_seconds']:.0f} s")
@@ -249,6 +250,8 @@ def table(folder: Path) -> str:
         for step in sorted({r["step"] for f in runs for r in f["records"]}):
             for kind in PROMPTS:
                 recs = [r for f in runs for r in f["records"] if r["step"] == step and r["prompt"] == kind]
+                if not recs:
+                    continue
                 cells = [f"{_mean(recs, c):.3f}" for c, _ in COLUMNS]
                 cells += [f"{_mean(recs, c):.3f}" for c in ("emb_moved", "cos_own", "cos_others")]
                 secs = np.mean([f["train_seconds"] for f in runs]) if step == max(r["step"] for f in runs
@@ -269,6 +272,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help=f"rows to train, from {', '.join(ROWS)} (default: all)")
     ap.add_argument("--checkpoints", nargs="+", type=int, default=[50, 150, 300],
                     help="steps at which to sample and score (training runs to the largest)")
+    ap.add_argument("--prompts", nargs="+", choices=list(PROMPTS), default=list(PROMPTS),
+                    help="prompt kinds sampled at each checkpoint: sks = 'a sks [class] [scene]', sks+colour adds "
+                         "the instance's colour word (default: both)")
     ap.add_argument("--priors", type=int, help="priors.count per class (default: the config's)")
     ap.add_argument("--scenes", type=int, help="use the first N scenes of data.scenes besides the photo's")
     ap.add_argument("--images-per-scene", type=int, help="eval.images_per_prompt (default: the config's)")
