@@ -95,3 +95,16 @@ def test_tiny_run_writes_tasks_and_the_table_and_resumes(tmp_path):
     assert again.returncode == 0 and "sampling and scoring" not in again.stdout
     report = _run("--report-only", "--out", str(tmp_path))
     assert report.returncode == 0 and md in report.stdout
+
+
+def test_table_counts_instances_per_row_and_skips_prompts_not_sampled(tmp_path):
+    rec = {"scene_other": 0.5, "inst": 2.0, "inst_photo": 1.0, "inst_other": 2.1, "inst_other|ok": 2.2,
+           "both_other": 0.25, "scene_photo": 1.0, "emb_moved": 0.1, "cos_own": 0.9, "cos_others": 0.8}
+    for sid, inst in (("a", 2.0), ("b", 4.0)):  # two instances of the db row, "sks" prompts only (--prompts sks)
+        toy_base._write(tmp_path / f"{sid}--db.json", {"instance": sid, "row": "db", "train_seconds": 10.0,
+                                                      "records": [{**rec, "inst": inst, "step": 5, "prompt": "sks"}]})
+    md = toy_base.table(tmp_path)
+    rows = [ln for ln in md.splitlines() if ln.startswith("| DreamBooth")]
+    assert len(rows) == 1 and "| 2 | 5 | a sks [class] [scene] |" in rows[0]
+    assert "| 3.000 |" in rows[0]  # inst dist, all: the mean over the two instances
+    assert md.startswith("2 instances")
