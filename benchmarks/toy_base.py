@@ -18,6 +18,7 @@ Reference rows (no training): the world's renders of the instance, another insta
 the untuned model asked "a [colour] [class] [scene]" and "a sks [class] [scene]".
 
     python benchmarks/toy_base.py                     # 3 instances x 5 rows, checkpoints 50 150 300
+    python benchmarks/toy_base.py --rows db prior0 --prompts sks  # two rows, one prompt kind: a third of the time
     python benchmarks/toy_base.py --instances 1 --rows db --checkpoints 2 --scenes 1 \\
         --images-per-scene 1 --priors 2               # seconds: checks it runs
 
