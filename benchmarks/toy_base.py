@@ -43,7 +43,7 @@ import torch  # noqa: E402
 
 import toy_quality as tq  # noqa: E402
 from comfusion.config import ConfigError, JobConfig  # noqa: E402
-from comfusion.prompts import class_scene_text, instance_scene_text  # noqa: E402
+from comfusion.prompts import instance_scene_text  # noqa: E402
 from comfusion.toy import world  # noqa: E402
 
 ID = tq.IDENTIFIER
