@@ -41,7 +41,6 @@ from PIL import Image
 from comfusion.config import ConfigError, JobConfig, SamplerConfig
 from comfusion.fsutil import clean_stale, sha256_file, write_file_atomic
 from comfusion.prompts import class_scene_text, class_text
-from comfusion.sampling import png_bytes, sample
 
 FORMAT_VERSION = 1  # bump when prompts, seeds or the row layout change: old caches get new keys
 KEY_CHARS = 16  # hex characters of the cache key
@@ -174,6 +173,8 @@ def sample_priors(components: dict, plan: PriorPlan, indices: Sequence[int],
                   batch_size: int) -> tuple[list[bytes], np.ndarray]:
     """PNG bytes and float32 latents (B, 4, h, w) of the priors `indices`, via `sampling.sample`."""
     rows = [plan.row(i) for i in indices]
+    from comfusion.sampling import png_bytes, sample  # noqa: PLC0415 (diffusers: only where priors are made)
+
     out = sample(components, [r.prompt for r in rows], [r.seed for r in rows], steps=plan.steps,
                  guidance_scale=plan.guidance_scale, height=plan.resolution, width=plan.resolution,
                  batch_size=batch_size)

@@ -21,11 +21,9 @@ import ray
 import torch
 
 from comfusion.config import JobConfig, ModelConfig
-from comfusion.models import load_base
 from comfusion.priors import (SHARD_ROWS, PriorCache, PriorCacheError, PriorPlan, PriorReport,
                               commit_shard, missing_indices, open_cache, plan_priors, prior_batches,
                               sample_priors)
-from comfusion.sampling import default_dtype
 from jobs.resources import actor_pool
 
 
@@ -37,6 +35,9 @@ class PriorSampler:
         if threads:
             torch.set_num_threads(threads)  # as many threads as CPU slots held
         self.plans, self.batch_size = plans, batch_size
+        from comfusion.models import load_base  # noqa: PLC0415 (diffusers: in the actors, not the driver)
+        from comfusion.sampling import default_dtype  # noqa: PLC0415
+
         self.components = load_base(model.base, revision=model.revision, seed=model.preset_seed,
                                     device=device, dtype=default_dtype(device))
 
