@@ -292,21 +292,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace) -> JobConfig:
-    from comfusion.config import load_config  # noqa: PLC0415
-
-    cfg = load_config(args.config, args.overrides)
-    over = {"method": "dreambooth", "job.storage": str(Path(args.out) / "storage")}
-    if args.priors:
-        over["priors.count"] = args.priors
-    if args.scenes:
-        over["data.scenes"] = list(cfg.data.scenes[:args.scenes])
-    if args.images_per_scene:
-        over["eval.images_per_prompt"] = args.images_per_scene
-    cfg = cfg.replace(**over)
-    unknown = [s for s in cfg.data.scenes if s not in world.SCENE_SPECS]
-    if unknown:
-        raise ConfigError("data.scenes", f"{unknown} are not scenes the world draws; known: {list(world.SCENE_SPECS)}")
-    return cfg
+    """toy_quality's config (its overrides, scene and prior options and checks), DreamBooth, the
+    config's own steps (the checkpoints sample along them)."""
+    vars(args).setdefault("steps", None)
+    return tq.build_config(args).replace(method="dreambooth")
 
 
 def main(argv: list[str] | None = None) -> int:
