@@ -47,10 +47,8 @@ def key_of(cookies: dict) -> str:
 
 def caller_of(store: KeyStore | None, cookies: dict) -> Caller | None:
     """The key's owner when the request carries a valid studio cookie, else None."""
-    key = cookies.get(COOKIE, "")
-    if store is None or not key or len(key) > MAX_KEY_CHARS:
-        return None
-    return store.authenticate(key)
+    key = key_of(cookies)
+    return store.authenticate(key) if store is not None and key else None
 
 
 def _root(scope) -> str:
