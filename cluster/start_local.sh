@@ -32,7 +32,7 @@ if curl -sf -m 5 "http://127.0.0.1:$DASHBOARD_PORT/api/gcs_healthz" >/dev/null 2
   echo "ray: a local head is already running on port $RAY_PORT"
 else
   # The demo runs a dozen Python workers at once on a 2-CPU head (Serve's controller, proxy and
-  # replicas, Tune, Train controllers and workers, Ray Data actors, most with fractional CPUs).
+  # replicas, Train controllers and workers, Ray Data actors, most with fractional CPUs).
   # The raylet starts at most (CPUs) of them in parallel and warns once several times that many
   # have started; on a small machine that is the normal case, so the limit is set to 8 here.
   export RAY_worker_maximum_startup_concurrency=${RAY_worker_maximum_startup_concurrency:-8}

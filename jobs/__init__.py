@@ -1,1 +1,1 @@
-"""Ray entry points: thin wiring of Ray Data / Train / Tune and MLflow around `comfusion`."""
+"""Ray entry points: thin wiring of Ray Data / Train and MLflow around `comfusion`."""

@@ -21,7 +21,6 @@ from comfusion.config import ConfigError, JobConfig
 
 POLL_S = 1.0
 EPS = 1e-6
-TRIAL_CPUS = 0.01  # what each Tune trial holds while its TorchTrainer runs
 
 
 class NoRoomError(RuntimeError):
@@ -89,7 +88,7 @@ def actor_pool(cfg: JobConfig, n_items: int, what: str, cpus_per_actor: float | 
 
 def trainer_slots(cfg: JobConfig, use_gpu: bool, n_runs: int) -> int:
     """Trainers at once: as many as fit in what is free now (at least one, once one fits), capped
-    by `job.max_concurrent`; the rest queue as Tune trials."""
+    by `job.max_concurrent`; each slot trains the job's runs one after another."""
     need = trainer_need(cfg, use_gpu)
     free = wait_for_room(need, cfg.job.schedule_timeout_s, "a trainer")
     slots = max(1, min(fits(need, free), n_runs))
@@ -97,11 +96,10 @@ def trainer_slots(cfg: JobConfig, use_gpu: bool, n_runs: int) -> int:
 
 
 def trainer_need(cfg: JobConfig, use_gpu: bool) -> dict[str, float]:
-    """One training slot: its Tune trial's CPU share plus its worker (a GPU worker also holds a
-    CPU, Ray Train's default)."""
+    """One training slot: its Ray Train worker (a GPU worker also holds a CPU, Ray Train's default)."""
     if use_gpu:
-        return {"GPU": 1.0, "CPU": 1.0 + TRIAL_CPUS}
-    return {"CPU": unit(cfg, use_gpu)["CPU"] + TRIAL_CPUS}
+        return {"GPU": 1.0, "CPU": 1.0}
+    return unit(cfg, use_gpu)
 
 
 def wait_for_room(need: dict[str, float], timeout_s: float, what: str,

@@ -3,8 +3,9 @@
     ray job submit --working-dir . -- python jobs/train_many.py --config configs/<x>.yaml [--set k=v ...]
 
 Checks the config and every subject, makes the class priors with Ray Data (once per class,
-cached), then runs one Ray Train TorchTrainer per (subject, method) as Ray Tune trials, as many
-at once as the cluster has room for. Prints a summary; exits non-zero if any subject failed.
+cached), then trains every (subject, method) on Ray Train: one TorchTrainer per training slot (as
+many slots as the cluster has room for), each slot's worker taking the runs one after another from
+a shared queue. Prints a summary; exits non-zero if any subject failed.
 """
 from __future__ import annotations
 
@@ -129,7 +130,7 @@ def plan_runs(cfg, subjects, priors: dict, storage: Path, use_gpu: bool,
             runs.append(SubjectRun(cfg=c, spec=spec_of[s.id], run_id=run_id, tracking_uri=uri,
                                    priors_dir=priors[(tuple(s.scenes), s.class_noun, method)],
                                    checkpoint_dir=str(storage / "checkpoints" / cfg.job.name / s.id / method / run_id),
-                                   ray_storage=str(storage / "ray_results"), use_gpu=use_gpu))
+                                   resume_dir=str(storage / "resume" / cfg.job.name / run_id), use_gpu=use_gpu))
     print(f"mlflow: experiment '{cfg.job.name}' at {uri} ({len(runs)} to train, {len(done)} done before)",
           flush=True)
     return runs, done
@@ -158,30 +159,31 @@ def _reused_row(client, run, subject_id: str, method: str) -> dict:
 
 
 def train_all(cfg, runs: list, storage: Path, use_gpu: bool) -> list[dict]:
-    """Ray Tune runs one TorchTrainer per (subject, method), `max_concurrent_trials` at once."""
-    from ray import tune  # noqa: PLC0415
+    """Train every run: one TorchTrainer per training slot, fitted in a driver thread each, whose
+    worker takes runs from a shared `RunQueue` until none is left. A summary row per run."""
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
 
-    from jobs.train_worker import tune_trial  # noqa: PLC0415
+    import ray  # noqa: PLC0415
 
-    from jobs.resources import TRIAL_CPUS, trainer_slots  # noqa: PLC0415
+    from jobs.resources import trainer_slots  # noqa: PLC0415
+    from jobs.train_worker import RunQueue, end_run, fit_slot  # noqa: PLC0415
 
     slots = trainer_slots(cfg, use_gpu, len(runs))
-    print(f"training {len(runs)} runs, {slots} at once (the rest queue)", flush=True)
-    trial = tune.with_resources(tune.with_parameters(tune_trial, runs=runs), {"CPU": TRIAL_CPUS})
-    tuner = tune.Tuner(trial, param_space={"index": tune.grid_search(list(range(len(runs))))},
-                       tune_config=tune.TuneConfig(max_concurrent_trials=slots),
-                       run_config=tune.RunConfig(name=f"{cfg.job.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                                 storage_path=str(storage / "ray_results"), verbose=1))
-    results = {r.config["index"]: r for r in tuner.fit()}
-    out = []
+    print(f"training {len(runs)} runs on {slots} trainer slot(s), one run after another on each", flush=True)
+    queue = RunQueue.remote(len(runs), cfg.job.max_failures)
+    name = f"{cfg.job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with ThreadPoolExecutor(slots, thread_name_prefix="slot") as pool:
+        stops = [s for s in pool.map(lambda k: fit_slot(runs, queue, k, f"{name}-slot{k}",
+                                                        str(storage / "ray_results")), range(slots)) if s]
+    results = ray.get(queue.results.remote())
+    rows = []
     for i, run in enumerate(runs):
-        r = results.get(i)
-        if r is not None and r.error is None and r.metrics.get("status"):
-            out.append(dict(r.metrics))
-        else:
-            out.append({"subject": run.spec.id, "method": run.cfg.method, "run_id": run.run_id, "status": "failed",
-                        "error": str(getattr(r, "error", "no result"))[:300]})
-    return out
+        row = results.get(i) or {"status": "failed", "error": "not trained: every trainer slot stopped"
+                                 + (f" ({stops[-1]})" if stops else "")}  # the queue was never emptied
+        if row["status"] == "failed":  # ended by its worker, or given up after lost workers
+            end_run(run, "FAILED")
+        rows.append({"subject": run.spec.id, "method": run.cfg.method, "run_id": run.run_id, **row})
+    return rows
 
 
 # one format per column of the summary table

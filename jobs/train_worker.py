@@ -1,30 +1,35 @@
-"""One subject's finetune on Ray Train: the per-worker loop, and the Tune trial that fits it.
+"""Subjects' finetunes on Ray Train: the training slot's worker loop and the queue that feeds it.
 
-The worker only wires things: device, the subject and its priors, resume from
-`ray.train.get_checkpoint()`, checkpoints reported every `train.checkpoint_every` steps, and
+A job runs one Ray Train trainer per training slot (a GPU, or `job.cpus_per_trainer` CPUs); its worker
+takes the job's (subject, method) runs from a `RunQueue` one after another, so the process starts
+(Train controller, worker, imports) are paid once per slot, not once per subject. Each run keeps
+its own resumable state (`SubjectRun.resume_dir`, saved every `train.checkpoint_every` steps): a
+restarted worker is handed the run it held and resumes it there, and so does a job submitted
+again after its driver died. The worker only wires things: device, the subject and its priors,
 MLflow logging through the trainer's callbacks. The algorithm is `comfusion.train`.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import shutil
 import socket
 import sys
-import tempfile
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
 import ray.train
-import ray.tune
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, RunConfig, ScalingConfig
 
-from comfusion.checkpoint import checkpoint_sizes
 from comfusion.config import JobConfig, SubjectSpec
 
-# Light at import: the Tune trial and the Train controller load this module only to find the
+# Light at import: the driver and the Train controller load this module only to find the
 # functions below; the algorithm (torch, diffusers) and MLflow are imported where they run, so
-# those two processes start in a fraction of the time.
+# those processes start in a fraction of the time.
 
 
 class RunFailed(RuntimeError):
@@ -41,7 +46,7 @@ class SubjectRun:
     tracking_uri: str
     priors_dir: str
     checkpoint_dir: str  # where the subject checkpoint is published
-    ray_storage: str  # Ray Train's storage_path
+    resume_dir: str  # the run's latest resumable state (removed once the run is published)
     use_gpu: bool
 
     @property
@@ -49,18 +54,60 @@ class SubjectRun:
         return f"{self.spec.id}-{self.cfg.method}-{self.run_id[:8]}"
 
 
-class _Reporter:
-    """Reports a resumable checkpoint to Ray Train every `train.checkpoint_every` steps."""
+@ray.remote(num_cpus=0)
+class RunQueue:
+    """Hands a job's runs (by index) to its training slots and keeps what became of each.
 
-    def __init__(self, logger):
-        self.logger = logger
+    A slot asking again while it holds a run (its worker was restarted) gets that run back, one
+    attempt more; after `max_failures` restarts on one run the run is given up and the slot gets
+    the next. Wall time of a run counts from its first claim.
+    """
+
+    def __init__(self, n_runs: int, max_failures: int):
+        self.pending, self.max_failures = deque(range(n_runs)), max_failures
+        self.held: dict[int, int] = {}  # slot -> run index
+        self.restarts: dict[int, int] = {}
+        self.started: dict[int, float] = {}
+        self.outcomes: dict[int, dict] = {}
+
+    def claim(self, slot: int) -> int | None:
+        if slot in self.held:
+            i = self.held[slot]
+            self.restarts[i] = self.restarts.get(i, 0) + 1
+            if self.restarts[i] <= self.max_failures:
+                return i
+            self.give_up(slot, f"its worker was lost {self.restarts[i]} times (job.max_failures "
+                               f"{self.max_failures})")
+        if not self.pending:
+            return None
+        i = self.pending.popleft()
+        self.held[slot], self.started[i] = i, time.time()
+        return i
+
+    def finish(self, slot: int, i: int, outcome: dict) -> None:
+        self.outcomes[i] = {**outcome, "wall_s": round(time.time() - self.started[i], 1)}
+        self.held.pop(slot, None)
+
+    def give_up(self, slot: int, reason: str) -> int | None:
+        """The slot's run failed for good (`reason`); returns its index, or None if it held none."""
+        i = self.held.get(slot)
+        if i is not None:
+            self.finish(slot, i, {"status": "failed", "error": reason})
+        return i
+
+    def results(self) -> dict[int, dict]:
+        return dict(self.outcomes)
+
+
+class _Saver:
+    """Saves the run's resumable state every `train.checkpoint_every` steps."""
+
+    def __init__(self, logger, folder: str):
+        self.logger, self.folder = logger, folder
 
     def on_checkpoint(self, step: int, trainer) -> None:
         self.logger.flush()  # metrics up to this step are final now
-        with tempfile.TemporaryDirectory() as tmp:
-            state = trainer.save_state(Path(tmp) / "state")
-            metrics = {"step": step, **{f"loss_{k}": v for k, v in trainer.last_terms.items()}}
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(state)))
+        trainer.save_state(self.folder)  # written aside and renamed into place
 
 
 def say(line: str) -> None:
@@ -103,30 +150,43 @@ def _quiet_ray_train() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Ray Train worker: train one subject, resuming from the latest reported checkpoint.
+def slot_loop_per_worker(config: dict) -> None:
+    """Ray Train worker of one training slot: train the runs the queue hands out, one after
+    another, until none is left."""
+    runs, queue, slot = config["runs"], config["queue"], config["slot"]
+    _quiet_ray_train()
+    while (i := ray.get(queue.claim.remote(slot))) is not None:
+        run = runs[i]
+        say(f"[{run.name}] training on slot {slot} (run {i + 1} of {len(runs)})")
+        ray.get(queue.finish.remote(slot, i, train_one(run)))
+        gc.collect()  # the finished run's model, before the next one loads
+        _empty_gpu_cache(run)
+
+
+def train_one(run: SubjectRun) -> dict:
+    """Train, publish and register one run, resuming from its saved state; its summary row.
 
     A failure that would repeat on every try (a non-finite loss, a bad photo, a model or config
     that cannot load) ends the run at once as FAILED, naming the reason, instead of spending
-    `job.max_failures` restarts on it; anything else (a lost worker, a network blip) is raised
-    and retried from the last checkpoint.
+    `job.max_failures` restarts on it; anything else (a lost worker) ends the process, and the
+    restarted worker resumes the run from its last saved state.
     """
     from comfusion.models import ModelNotFoundError  # noqa: PLC0415
 
-    run: SubjectRun = config["run"]
-    _quiet_ray_train()
+    summary = {"subject": run.spec.id, "method": run.cfg.method, "run_id": run.run_id}
     try:
-        _train_subject(run)
+        summary.update(status="ok", **_train_subject(run))
     except (ValueError, ModelNotFoundError) as e:  # NonFiniteLossError, ImageError, SubjectError, ConfigError, ...
         reason = one_line(e)
         say(f"[{run.name}] failed, not retried: {reason}")
         client = _mlflow(run)
         client.set_tag(run.run_id, "error", reason)
         client.set_terminated(run.run_id, status="FAILED")
-        ray.train.report({"failed": reason})
+        summary.update(status="failed", error=reason)
+    return summary
 
 
-def _train_subject(run: SubjectRun) -> None:
+def _train_subject(run: SubjectRun) -> dict:
     import torch  # noqa: PLC0415
 
     from comfusion.data import check_subject  # noqa: PLC0415
@@ -144,37 +204,41 @@ def _train_subject(run: SubjectRun) -> None:
     logger.client.set_tag(run.run_id, "worker", f"{socket.gethostname()}:{os.getpid()}")
     monitor = _system_metrics(run)
     try:
-        _fit_and_publish(run, subject, priors, logger)
+        return _fit_and_publish(run, subject, priors, logger)
     finally:
         logger.close()
         if monitor is not None:
             monitor.finish()
 
 
-def _fit_and_publish(run: SubjectRun, subject, priors, logger) -> None:
-    import ray.train.torch  # noqa: PLC0415
-
+def _fit_and_publish(run: SubjectRun, subject, priors, logger) -> dict:
+    from comfusion.checkpoint import checkpoint_sizes  # noqa: PLC0415
     from comfusion.train import SubjectTrainer  # noqa: PLC0415
 
     cfg = run.cfg
-    trainer = SubjectTrainer(cfg, subject, priors, device=ray.train.torch.get_device(),
-                             callbacks=[logger, _Reporter(logger),
+    trainer = SubjectTrainer(cfg, subject, priors, device="cuda" if run.use_gpu else "cpu",
+                             callbacks=[logger, _Saver(logger, run.resume_dir),
                                         _Progress(f"{run.spec.id} · {cfg.method}", cfg.train.steps,
                                                   cfg.job.progress_every_s)])
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            trainer.load_state(folder)
+    if (Path(run.resume_dir) / "state.json").is_file():
+        trainer.load_state(run.resume_dir)
         say(f"[{run.name}] resumed at step {trainer.step}")
         logger.client.set_tag(run.run_id, "resumed_from_step", str(trainer.step))
     trainer.run()
     folder = trainer.publish(run.checkpoint_dir)
-    final = {f"loss/{k}": v for k, v in trainer.last_terms.items()}
     logger.client.set_tag(run.run_id, "adapter", cfg.train.adapter)  # the checkpoint kind: full or lora
     version = logger.finish(folder, subject.id, cfg.method, {"final/step": trainer.step, **checkpoint_sizes(folder)})
     logger.client.set_terminated(run.run_id, status="FINISHED")
-    ray.train.report({"step": trainer.step, "final_loss": final.get("loss/total", float("nan")),
-                      "checkpoint_dir": str(folder), "model_version": version})
+    shutil.rmtree(run.resume_dir, ignore_errors=True)  # published: nothing left to resume
+    return dict(steps=trainer.step, final_loss=trainer.last_terms.get("total"), checkpoint=str(folder),
+                version=int(version) if version is not None else None)
+
+
+def _empty_gpu_cache(run: SubjectRun) -> None:
+    if run.use_gpu:
+        import torch  # noqa: PLC0415
+
+        torch.cuda.empty_cache()
 
 
 def _system_metrics(run: SubjectRun):
@@ -206,44 +270,36 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text if len(text) <= 300 else text[:297] + '...'}"
 
 
-def fit_subject(run: SubjectRun) -> dict:
-    """Fit one TorchTrainer (one worker, one GPU where there are GPUs) and summarise it."""
-    from ray.train.torch import TorchTrainer  # noqa: PLC0415
+def fit_slot(runs: list[SubjectRun], queue, slot: int, name: str, storage_path: str) -> str | None:
+    """Fit one training slot's trainer (one worker, one GPU where there are GPUs) until the
+    queue is empty; None when it ended normally, else why it stopped (its held run is given up).
 
-    cfg, t0 = run.cfg, time.time()
-    resources = None if run.use_gpu else {"CPU": cfg.job.cpus_per_trainer}
-    trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config={"run": run},
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=run.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=run.name, storage_path=run.ray_storage,
-                             failure_config=FailureConfig(max_failures=cfg.job.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
-    summary = {"subject": run.spec.id, "method": cfg.method, "run_id": run.run_id}
+    A plain `DataParallelTrainer`, not `TorchTrainer`: one worker trains alone, so there is no
+    process group to set up, and the Train controller then never imports torch (about 3 s less
+    per slot start on 2 cores). Ray gives the worker its GPU as CUDA_VISIBLE_DEVICES, so it is
+    "cuda" (device 0) there."""
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer  # noqa: PLC0415
+
+    cfg = runs[0].cfg
+    resources = None if runs[0].use_gpu else {"CPU": cfg.job.cpus_per_trainer}
+    # Ray Train restarts a lost worker; the queue limits restarts per run (job.max_failures), so
+    # the slot itself may restart once more per run than that
+    restarts = (cfg.job.max_failures + 1) * len(runs)
+    trainer = DataParallelTrainer(
+        slot_loop_per_worker, train_loop_config={"runs": runs, "queue": queue, "slot": slot},
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=runs[0].use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=restarts)))
     try:
         trainer.fit()
-        summary.update(status="ok", **_published(run))
-    except Exception as e:  # noqa: BLE001  (a subject that fails for good is reported; the others go on)
-        summary.update(status="failed", error=str(e) if isinstance(e, RunFailed) else one_line(e))
-        _end_run(run, "FAILED")
-    summary["wall_s"] = round(time.time() - t0, 1)
-    return summary
+        return None
+    except Exception as e:  # noqa: BLE001  (the other slots go on with the queue)
+        reason = one_line(e)
+        ray.get(queue.give_up.remote(slot, reason))
+        return reason
 
 
-def _published(run: SubjectRun) -> dict:
-    """What the finished run left, as its MLflow run records it (the worker published, registered
-    and finished it): steps, final loss, checkpoint folder, model version."""
-    client = _mlflow(run)
-    record = client.get_run(run.run_id)
-    if record.info.status == "FAILED":  # a failure that would repeat: ended by the worker
-        raise RunFailed(record.data.tags.get("error", "the run failed"))
-    metrics = record.data.metrics
-    versions = client.search_model_versions(f"run_id = '{run.run_id}'")
-    step = metrics.get("final/step")
-    return dict(steps=int(step) if step is not None else None, final_loss=metrics.get("loss/total"),
-                checkpoint=run.checkpoint_dir, version=int(versions[0].version) if versions else None)
-
-
-def _end_run(run: SubjectRun, status: str) -> None:
+def end_run(run: SubjectRun, status: str) -> None:
     _mlflow(run).set_terminated(run.run_id, status=status)
 
 
@@ -254,49 +310,3 @@ def _mlflow(run: SubjectRun):
     from jobs.tracking import PatientClient  # noqa: PLC0415
 
     return PatientClient(MlflowClient(run.tracking_uri), run.cfg.job.mlflow_outage_s)
-
-
-def tune_trial(config: dict, runs: list[SubjectRun]) -> None:
-    """A Tune trial: one (subject, method) — Tune runs as many at once as there is room for.
-
-    While the TorchTrainer fits (in a thread), the trial reports the run's latest step and loss
-    as MLflow has them every `job.metrics_every_s`, so Tune's progress table shows them live; the
-    last report is the run's summary (`train_many.train_all` reads its `status`).
-    """
-    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
-
-    run = runs[config["index"]]
-    every = run.cfg.job.metrics_every_s or run.cfg.job.progress_every_s
-    with ThreadPoolExecutor(1, thread_name_prefix="fit") as pool:
-        fitting = pool.submit(fit_subject, run)
-        seen = None
-        while not _done_within(fitting, every):
-            live = _latest_step(run)
-            if live is not None and live != seen:
-                seen = live
-                ray.tune.report({"step": live[0], "loss": live[1], "of": run.cfg.train.steps})
-        summary = fitting.result()
-    last = _latest_step(run) or (summary.get("steps") or 0, summary.get("final_loss"))
-    ray.tune.report({"step": last[0], "loss": last[1], "of": run.cfg.train.steps, **summary})
-
-
-def _done_within(future, seconds: float) -> bool:
-    from concurrent.futures import TimeoutError as FutureTimeout  # noqa: PLC0415
-
-    try:
-        future.exception(timeout=seconds)
-        return True
-    except FutureTimeout:
-        return False
-
-
-def _latest_step(run: SubjectRun) -> tuple[int, float] | None:
-    """(step, total loss) of the run's last logged step, or None (none yet, or MLflow not answering)."""
-    try:
-        history = _mlflow(run).client.get_metric_history(run.run_id, "loss/total")
-    except Exception:  # noqa: BLE001 - a progress line is skipped, nothing else
-        return None
-    if not history:
-        return None
-    last = max(history, key=lambda m: m.step)
-    return int(last.step), float(last.value)

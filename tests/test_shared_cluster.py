@@ -80,7 +80,7 @@ def test_a_job_completes_beside_an_app_holding_cpus(cluster, tmp_path, capsys):
     code = train_many.main(_args(tmp_path, "--set", "job.name=beside"))
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
-    assert "1 at once" in out  # 0.75 CPU free: one 0.5-CPU trainer at a time, the other queued
+    assert "on 1 trainer slot(s)" in out  # 0.75 CPU free: one 0.5-CPU slot, its runs one after another
     client = MlflowClient(f"sqlite:///{tmp_path / 'storage' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("beside").experiment_id])
     assert sorted(r.data.tags["method"] for r in runs) == ["comfusion", "dreambooth"]

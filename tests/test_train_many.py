@@ -95,26 +95,53 @@ def test_worker_killed_after_a_checkpoint_resumes(cluster, tmp_path):
     assert len(client.search_model_versions("name = 'yellow-ball'")) == 1
     ckpt = tmp_path / "storage" / "checkpoints" / "fault" / "yellow-ball" / "comfusion" / run.info.run_id
     assert verify_checkpoint(ckpt).id == "yellow-ball"
+    assert not (tmp_path / "storage" / "resume" / "fault" / run.info.run_id).exists()  # published: state removed
+
+
+def test_one_slot_trains_the_runs_one_after_another_in_one_worker(cluster, tmp_path, capsys):
+    """The process starts are paid once per slot: with one slot, both subjects (and both methods)
+    train in the same worker process, each in its own MLflow run and registered."""
+    write_demo_subjects(tmp_path / "subjects")
+    code = train_many.main(_args(tmp_path, "--set", "train.steps=2", "--set", "train.checkpoint_every=1",
+                                 "--set", "train.validate_every=0", "--set", "job.max_concurrent=1",
+                                 "--set", "job.methods=[comfusion, dreambooth]", "--set", "job.name=queue"))
+    out = capsys.readouterr().out
+    assert code == 0 and "on 1 trainer slot(s)" in out
+    client = _client(tmp_path)
+    runs = client.search_runs([client.get_experiment_by_name("queue").experiment_id])
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    assert len({r.data.tags["worker"] for r in runs}) == 1  # one worker process trained all four
+    assert sorted(r.data.tags["method"] for r in runs) == ["comfusion", "comfusion", "dreambooth", "dreambooth"]
+    for r in runs:
+        assert client.get_model_version_by_alias(r.data.tags["subject"], r.data.tags["method"]).run_id == r.info.run_id
+    assert not list((tmp_path / "storage" / "resume" / "queue").glob("*/state.json"))
+
+
+def test_run_queue_hands_a_restarted_slot_its_run_and_gives_up_after_max_failures(cluster):
+    from jobs.train_worker import RunQueue
+
+    q = RunQueue.remote(3, 1)
+    assert ray.get(q.claim.remote(0)) == 0 and ray.get(q.claim.remote(1)) == 1
+    assert ray.get(q.claim.remote(0)) == 0  # slot 0's worker restarted: the same run, one restart
+    assert ray.get(q.claim.remote(0)) == 2  # a second restart on run 0 is one too many: the next run
+    ray.get(q.finish.remote(1, 1, {"status": "ok"}))
+    assert ray.get(q.claim.remote(1)) is None  # nothing left
+    assert ray.get(q.give_up.remote(0, "slot 0 stopped")) == 2
+    results = ray.get(q.results.remote())
+    assert results[0]["status"] == "failed" and "lost 2 times" in results[0]["error"]
+    assert results[1]["status"] == "ok" and results[1]["wall_s"] >= 0
+    assert results[2] == {"status": "failed", "error": "slot 0 stopped", "wall_s": results[2]["wall_s"]}
 
 
 def _kill_worker_after_first_checkpoint(storage: Path, timeout: float) -> bool:
-    """SIGKILL the Ray Train worker process once the controller has registered a checkpoint.
-
-    A checkpoint folder exists as soon as the worker writes it, but only a checkpoint in the
-    controller's snapshot is handed to a restarted worker. The worker names its process in the
-    run's `worker` tag.
-    """
-    import json
-
+    """SIGKILL the Ray Train worker process once the run's resumable state has been saved (the
+    folder appears complete, renamed into place). The worker names its process in the run's
+    `worker` tag."""
     deadline = time.time() + timeout
     client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
     while time.time() < deadline:
-        for snap in (storage / "ray_results").glob("yellow-ball-*/checkpoint_manager_snapshot.json"):
-            try:
-                registered = json.loads(snap.read_text()).get("checkpoint_results")
-            except (OSError, ValueError):
-                registered = None
-            runs = client.search_runs([client.get_experiment_by_name("fault").experiment_id]) if registered else []
+        if list((storage / "resume" / "fault").glob("*/state.json")):
+            runs = client.search_runs([client.get_experiment_by_name("fault").experiment_id])
             worker = runs[0].data.tags.get("worker") if runs else None
             if worker:
                 os.kill(int(worker.rsplit(":", 1)[1]), signal.SIGKILL)
