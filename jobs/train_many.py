@@ -3,7 +3,7 @@
     ray job submit --working-dir . -- python jobs/train_many.py --config configs/<x>.yaml [--set k=v ...]
 
 Checks the config and every subject, makes the class priors with Ray Data (once per class,
-cached), then trains every (subject, method) on Ray Train: one TorchTrainer per training slot (as
+cached), then trains every (subject, method) on Ray Train: one trainer per training slot (as
 many slots as the cluster has room for), each slot's worker taking the runs one after another from
 a shared queue. Prints a summary; exits non-zero if any subject failed.
 """
@@ -159,7 +159,7 @@ def _reused_row(client, run, subject_id: str, method: str) -> dict:
 
 
 def train_all(cfg, runs: list, storage: Path, use_gpu: bool) -> list[dict]:
-    """Train every run: one TorchTrainer per training slot, fitted in a driver thread each, whose
+    """Train every run: one Ray Train trainer per training slot, fitted in a driver thread each, whose
     worker takes runs from a shared `RunQueue` until none is left. A summary row per run."""
     from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
 

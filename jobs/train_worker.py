@@ -32,10 +32,6 @@ from comfusion.config import JobConfig, SubjectSpec
 # those processes start in a fraction of the time.
 
 
-class RunFailed(RuntimeError):
-    """The worker ended the run as FAILED (a failure that would repeat); the message is its reason."""
-
-
 @dataclass(frozen=True)
 class SubjectRun:
     """Everything one (subject, method) training needs; crosses the Ray boundary whole."""
