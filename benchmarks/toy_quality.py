@@ -548,9 +548,14 @@ def grad_norm_table(folder: Path, rows: list[str]) -> str:
     return "\n".join(lines) if sums else "(no task logged gradient norms: train.grad_norm_every is 0)"
 
 
+def _mean_point(records: list[dict], row: str, lr, step: int, guidance: float, xc: str, yc: str) -> tuple:
+    return tuple(np.nanmean(list(_per_instance(records, row, lr, step, guidance, c).values())) for c in (xc, yc))
+
+
 def tradeoff_plot(records: list[dict], rows: list[str], lrs: list, guidance: float, path: Path) -> None:
     """Scene accuracy against instance distance along training, one curve per row; a column per lr;
-    top: exact judges, bottom: held-out judges."""
+    top: exact judges, bottom: held-out judges. A cross in the curve's colour: its last checkpoint
+    sampled at another guidance (annotated with it)."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
@@ -558,22 +563,26 @@ def tradeoff_plot(records: list[dict], rows: list[str], lrs: list, guidance: flo
 
     axes_def = (("inst", "scene", "instance distance (exact, lower = closer)", "scene accuracy (exact)"),
                 (f"{H}/dino", f"{H}/clip_t", "DINO vs asked-scene references (held-out)", "CLIP-T (held-out)"))
-    fig, axes = plt.subplots(2, len(lrs), figsize=(5.5 * len(lrs), 9), squeeze=False)
+    fig, axes = plt.subplots(2, len(lrs), figsize=(6.5 * len(lrs), 10), squeeze=False)
     for j, lr in enumerate(lrs):
         for i, (xc, yc, xl, yl) in enumerate(axes_def):
             ax = axes[i][j]
             for row in rows:
-                steps = sorted({r["step"] for r in records if r["row"] == row and r["lr"] == lr})
-                pts = [(np.nanmean(list(_per_instance(records, row, lr, s, guidance, xc).values())),
-                        np.nanmean(list(_per_instance(records, row, lr, s, guidance, yc).values()))) for s in steps]
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=LABELS.get(row, row))
-                    ax.annotate(str(steps[-1]), pts[-1], fontsize=7)
-            for ref in (REAL, BASE):
-                pts = [(np.nanmean(list(_per_instance(records, ref, None, 0, guidance, xc).values())),
-                        np.nanmean(list(_per_instance(records, ref, None, 0, guidance, yc).values())))]
-                ax.scatter(*zip(*pts), marker="*", s=90, label=LABELS[ref])
-            ax.set(xlabel=xl, ylabel=yl, title=f"lr {lr:g}, guidance {guidance:g}")
+                mine = [r for r in records if r["row"] == row and r["lr"] == lr]
+                steps = sorted({r["step"] for r in mine if r["guidance"] == guidance})
+                if not steps:
+                    continue
+                pts = [_mean_point(records, row, lr, s, guidance, xc, yc) for s in steps]
+                line, = ax.plot(*zip(*pts), marker="o", label=LABELS.get(row, row))
+                ax.annotate(str(steps[-1]), pts[-1], fontsize=7)
+                for g in sorted({r["guidance"] for r in mine if r["step"] == steps[-1]} - {guidance}):
+                    p = _mean_point(records, row, lr, steps[-1], g, xc, yc)
+                    ax.scatter(*p, marker="x", s=60, color=line.get_color())
+                    ax.annotate(f"g {g:g}", p, fontsize=7)
+            for ref, colour in ((REAL, "black"), (BASE, "grey")):  # not a curve's colour
+                ax.scatter(*_mean_point(records, ref, None, 0, guidance, xc, yc), marker="*", s=110, color=colour,
+                           label=LABELS[ref])
+            ax.set(xlabel=xl, ylabel=yl, title=f"lr {lr:g}, guidance {guidance:g} (x: last step at another guidance)")
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
