@@ -33,7 +33,9 @@ only), and writes one JSON per task under
 report is paired bootstrap 95% intervals of each row's difference to DreamBooth over instances
 (seeds averaged within an instance) and a trade-off plot (scene accuracy against instance distance
 along training, one curve per row; exact and held-out judges) and each row's gap to DreamBooth's
-frontier at equal instance fidelity. `--queue` processes share the task list through claim files.
+frontier at equal instance fidelity; a ComFusion row run beside its DreamBooth twin (same overrides but the
+method, e.g. cs0.1 and db_cs0.1) is also compared with that twin, the fair pairing at equal prior weight.
+`--queue` processes share the task list through claim files.
 """
 from __future__ import annotations
 
