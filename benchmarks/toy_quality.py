@@ -506,7 +506,7 @@ def frontier_comparisons(rows: list[str]) -> list[tuple[str, tuple[str, ...]]]:
     ComFusion row also against every other DreamBooth row run (its twin at equal prior weight first).
     Each baseline is one row: the points of two rows would zig-zag, not make one frontier."""
     db_rows = [r for r in rows if OVERRIDES.get(r, {}).get("method") == "dreambooth" and r != "dreambooth"]
-    out = [(row, ("dreambooth",)) for row in rows if row != "dreambooth"]
+    out = [(row, ("dreambooth",)) for row in rows if row != "dreambooth" and "dreambooth" in rows]
     for row in rows:
         twin = dreambooth_twin(row)
         if twin is not None:
@@ -522,13 +522,14 @@ def frontier_table(records: list[dict], comparisons: list[tuple[str, tuple[str, 
              "|---" * (len(FRONTIERS) + 2) + "|"]
     for row, base_rows in comparisons:
         cells, inst = [], sorted(set.intersection(have(row), *(have(b) for b in base_rows)))
-        for xc, yc, _ in FRONTIERS:
+        for xc, yc, _ in FRONTIERS if inst else ():
             base = {(b, *k): v for b in base_rows for k, v in _points(records, b, guidance, xc, yc, inst).items()}
             mine = _points(records, row, guidance, xc, yc, inst)
             gap, lo, hi, n = toy_scores.frontier_gap(base, mine) if base and mine else (0, 0, 0, 0)
             cells.append(f"{gap:+.3f} [{lo:+.3f}, {hi:+.3f}] ({n} of {len(mine)} points)" if n else
                          f"- (x {_x_range(mine)}, baseline's {_x_range(base)}: no overlap)")
         against = " + ".join(LABELS.get(b, b) for b in base_rows)
+        cells = cells or ["- (no instance in common)"] * len(FRONTIERS)
         lines.append(f"| {LABELS.get(row, row)} | {against} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

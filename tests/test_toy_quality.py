@@ -179,3 +179,7 @@ def test_comfusion_at_prior_weight_0_1_is_paired_with_dreambooth_at_0_1():
     assert gaps[0].startswith("+0.100 [+0.100, +0.100] (2 of 2 points)")  # above DreamBooth 0.1's line
     assert gaps[1].startswith("+0.200 [+0.200, +0.200] (2 of 2 points)")
     assert "DreamBooth, lambda prior 0.1" in lines[0] and "| DreamBooth |" in lines[1]
+    # a study without the prior-weight-1 DreamBooth row: only the twin pairing, and no crash on a missing row
+    assert tq.frontier_comparisons(["db_cs0.1", "cs0.1"]) == [("cs0.1", ("db_cs0.1",))]
+    missing = tq.frontier_table(records, [("cs0.1", ("db_cs0.3",))], 7.5)
+    assert "no instance in common" in missing.splitlines()[2]
