@@ -33,7 +33,9 @@ only), and writes one JSON per task under
 report is paired bootstrap 95% intervals of each row's difference to DreamBooth over instances
 (seeds averaged within an instance) and a trade-off plot (scene accuracy against instance distance
 along training, one curve per row; exact and held-out judges) and each row's gap to DreamBooth's
-frontier at equal instance fidelity. `--queue` processes share the task list through claim files.
+frontier at equal instance fidelity; a ComFusion row run beside its DreamBooth twin (same overrides but the
+method, e.g. cs0.1 and db_cs0.1) is also compared with that twin, the fair pairing at equal prior weight.
+`--queue` processes share the task list through claim files.
 """
 from __future__ import annotations
 
@@ -448,9 +450,10 @@ def _per_instance(records: list[dict], row: str, lr, step: int, guidance: float,
     return {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for k, v in vals.items()}
 
 
-def study_table(records: list[dict], lr, step: int, guidance: float, rows: list[str]) -> str:
+def study_table(records: list[dict], lr, step: int, guidance: float, rows: list[str],
+                baseline: str = "dreambooth") -> str:
     """Means over the instances every row with results here has (a cut-short run compares like with like),
-    and each row's difference to DreamBooth with a paired bootstrap 95% interval over those instances."""
+    and each row's difference to `baseline` with a paired bootstrap 95% interval over those instances."""
     head = "| row | n inst | " + " | ".join(h for _, h in STUDY_COLUMNS) + " |"
     lines = [head, "|---" * (len(STUDY_COLUMNS) + 2) + "|"]
     table = {row: {col: _per_instance(records, row, lr, step, guidance, col) for col, _ in STUDY_COLUMNS}
@@ -462,8 +465,8 @@ def study_table(records: list[dict], lr, step: int, guidance: float, rows: list[
         for col, _ in STUDY_COLUMNS:
             mine = {k: v for k, v in cols[col].items() if k in common}
             cell = f"{np.nanmean(list(mine.values())):.3f}" if mine else "-"
-            db = table.get("dreambooth", {}).get(col, {})
-            if row != "dreambooth" and db and mine:
+            db = table.get(baseline, {}).get(col, {})
+            if row != baseline and db and mine:
                 d, lo, hi = toy_scores.paired_bootstrap([mine[k] - db[k] for k in mine])
                 cell += f" ({d:+.3f} [{lo:+.3f}, {hi:+.3f}])"
             cells.append(cell)
@@ -489,21 +492,45 @@ def _x_range(points: dict) -> str:
     return f"{min(xs):.2f}..{max(xs):.2f}" if xs else "none"
 
 
-def frontier_table(records: list[dict], rows: list[str], guidance: float) -> str:
-    """Each row's points (every lr and checkpoint) against DreamBooth's frontier through its own points:
-    the mean gap in y at equal x, with a paired bootstrap 95% interval over instances."""
-    have = lambda row: {r["instance_seed"] for r in records if r["row"] == row and r["guidance"] == guidance}  # noqa: E731
-    lines = ["| row | " + " | ".join(t for _, _, t in FRONTIERS) + " |", "|---" * (len(FRONTIERS) + 1) + "|"]
+def dreambooth_twin(row: str) -> str | None:
+    """The DreamBooth row trained like `row` but for the method (ComFusion at prior weight 0.1 ->
+    DreamBooth at prior weight 0.1): the fair pairing at equal settings. None for a DreamBooth row."""
+    if row not in OVERRIDES or OVERRIDES[row].get("method") == "dreambooth":
+        return None
+    want = {**OVERRIDES[row], "method": "dreambooth"}
+    return next((k for k, o in OVERRIDES.items() if o == want), None)
+
+
+def frontier_comparisons(rows: list[str]) -> list[tuple[str, tuple[str, ...]]]:
+    """(row, baseline rows) pairs for `frontier_table`: every row against DreamBooth (prior weight 1), and a
+    ComFusion row also against every other DreamBooth row run (its twin at equal prior weight first).
+    Each baseline is one row: the points of two rows would zig-zag, not make one frontier."""
+    db_rows = [r for r in rows if OVERRIDES.get(r, {}).get("method") == "dreambooth" and r != "dreambooth"]
+    out = [(row, ("dreambooth",)) for row in rows if row != "dreambooth" and "dreambooth" in rows]
     for row in rows:
-        if row == "dreambooth":
-            continue
-        cells, inst = [], sorted(have("dreambooth") & have(row))  # the instances both rows have
-        for xc, yc, _ in FRONTIERS:
-            base, mine = (_points(records, k, guidance, xc, yc, inst) for k in ("dreambooth", row))
-            gap, lo, hi, n = toy_scores.frontier_gap(base, mine)
+        twin = dreambooth_twin(row)
+        if twin is not None:
+            out += [(row, (b,)) for b in sorted(db_rows, key=lambda b: b != twin)]
+    return out
+
+
+def frontier_table(records: list[dict], comparisons: list[tuple[str, tuple[str, ...]]], guidance: float) -> str:
+    """Each row's points (every lr and checkpoint) against the frontier through every point of its baseline
+    rows: the mean gap in y at equal x, with a paired bootstrap 95% interval over the instances all share."""
+    have = lambda row: {r["instance_seed"] for r in records if r["row"] == row and r["guidance"] == guidance}  # noqa: E731
+    lines = ["| row | against the frontier of | " + " | ".join(t for _, _, t in FRONTIERS) + " |",
+             "|---" * (len(FRONTIERS) + 2) + "|"]
+    for row, base_rows in comparisons:
+        cells, inst = [], sorted(set.intersection(have(row), *(have(b) for b in base_rows)))
+        for xc, yc, _ in FRONTIERS if inst else ():
+            base = {(b, *k): v for b in base_rows for k, v in _points(records, b, guidance, xc, yc, inst).items()}
+            mine = _points(records, row, guidance, xc, yc, inst)
+            gap, lo, hi, n = toy_scores.frontier_gap(base, mine) if base and mine else (0, 0, 0, 0)
             cells.append(f"{gap:+.3f} [{lo:+.3f}, {hi:+.3f}] ({n} of {len(mine)} points)" if n else
-                         f"- (x {_x_range(mine)}, DreamBooth's {_x_range(base)}: no overlap)")
-        lines.append(f"| {LABELS.get(row, row)} | " + " | ".join(cells) + " |")
+                         f"- (x {_x_range(mine)}, baseline's {_x_range(base)}: no overlap)")
+        against = " + ".join(LABELS.get(b, b) for b in base_rows)
+        cells = cells or ["- (no instance in common)"] * len(FRONTIERS)
+        lines.append(f"| {LABELS.get(row, row)} | {against} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -524,9 +551,14 @@ def grad_norm_table(folder: Path, rows: list[str]) -> str:
     return "\n".join(lines) if sums else "(no task logged gradient norms: train.grad_norm_every is 0)"
 
 
+def _mean_point(records: list[dict], row: str, lr, step: int, guidance: float, xc: str, yc: str) -> tuple:
+    return tuple(np.nanmean(list(_per_instance(records, row, lr, step, guidance, c).values())) for c in (xc, yc))
+
+
 def tradeoff_plot(records: list[dict], rows: list[str], lrs: list, guidance: float, path: Path) -> None:
     """Scene accuracy against instance distance along training, one curve per row; a column per lr;
-    top: exact judges, bottom: held-out judges."""
+    top: exact judges, bottom: held-out judges. A cross in the curve's colour: its last checkpoint
+    sampled at another guidance (annotated with it)."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
@@ -534,27 +566,48 @@ def tradeoff_plot(records: list[dict], rows: list[str], lrs: list, guidance: flo
 
     axes_def = (("inst", "scene", "instance distance (exact, lower = closer)", "scene accuracy (exact)"),
                 (f"{H}/dino", f"{H}/clip_t", "DINO vs asked-scene references (held-out)", "CLIP-T (held-out)"))
-    fig, axes = plt.subplots(2, len(lrs), figsize=(5.5 * len(lrs), 9), squeeze=False)
+    fig, axes = plt.subplots(2, len(lrs), figsize=(6.5 * len(lrs), 10), squeeze=False)
     for j, lr in enumerate(lrs):
         for i, (xc, yc, xl, yl) in enumerate(axes_def):
             ax = axes[i][j]
             for row in rows:
-                steps = sorted({r["step"] for r in records if r["row"] == row and r["lr"] == lr})
-                pts = [(np.nanmean(list(_per_instance(records, row, lr, s, guidance, xc).values())),
-                        np.nanmean(list(_per_instance(records, row, lr, s, guidance, yc).values()))) for s in steps]
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=LABELS.get(row, row))
-                    ax.annotate(str(steps[-1]), pts[-1], fontsize=7)
-            for ref in (REAL, BASE):
-                pts = [(np.nanmean(list(_per_instance(records, ref, None, 0, guidance, xc).values())),
-                        np.nanmean(list(_per_instance(records, ref, None, 0, guidance, yc).values())))]
-                ax.scatter(*zip(*pts), marker="*", s=90, label=LABELS[ref])
-            ax.set(xlabel=xl, ylabel=yl, title=f"lr {lr:g}, guidance {guidance:g}")
+                mine = [r for r in records if r["row"] == row and r["lr"] == lr]
+                steps = sorted({r["step"] for r in mine if r["guidance"] == guidance})
+                if not steps:
+                    continue
+                pts = [_mean_point(records, row, lr, s, guidance, xc, yc) for s in steps]
+                line, = ax.plot(*zip(*pts), marker="o", label=LABELS.get(row, row))
+                ax.annotate(str(steps[-1]), pts[-1], fontsize=7)
+                for g in sorted({r["guidance"] for r in mine if r["step"] == steps[-1]} - {guidance}):
+                    p = _mean_point(records, row, lr, steps[-1], g, xc, yc)
+                    ax.scatter(*p, marker="x", s=60, color=line.get_color())
+                    ax.annotate(f"g {g:g}", p, fontsize=7)
+            for ref, colour in ((REAL, "black"), (BASE, "grey")):  # not a curve's colour
+                ax.scatter(*_mean_point(records, ref, None, 0, guidance, xc, yc), marker="*", s=110, color=colour,
+                           label=LABELS[ref])
+            ax.set(xlabel=xl, ylabel=yl, title=f"lr {lr:g}, guidance {guidance:g} (x: last step at another guidance)")
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _step_tables(records: list[dict], rows: list[str], g_first: float, baseline: str = "dreambooth",
+                 title: str = "") -> list[str]:
+    """One `study_table` per (lr, guidance, checkpoint) the rows have, the first guidance first."""
+    trained = [r for r in records if r["row"] in rows]
+    parts = []
+    for lr in sorted({r["lr"] for r in trained}):
+        for g in sorted({r["guidance"] for r in trained}, key=lambda x: x != g_first):
+            for step in sorted({r["step"] for r in trained if r["lr"] == lr and r["guidance"] == g}):
+                parts.append(f"\n### {title}lr {lr:g}, guidance {g:g}, step {step}\n\n"
+                             + study_table(records, lr, step, g, rows, baseline))
+    return parts
+
+
+def _seeds_per_row(trained: list[dict], rows: list[str]) -> str:
+    return ", ".join(f"{r} {sorted({x['seed'] for x in trained if x['row'] == r})}" for r in rows)
 
 
 def study_report(args, folder: Path, variants: list[str]) -> int:
@@ -571,23 +624,23 @@ def study_report(args, folder: Path, variants: list[str]) -> int:
         say(f"no finished study tasks under {folder / 'tasks'}")
         return 1
     rows = [k for k in dict.fromkeys(["dreambooth"] + variants) if any(r["row"] == k for r in trained)]
-    parts = [f"toy study: {len({r['instance_seed'] for r in trained})} instances, training seeds "
-             f"{sorted({r['seed'] for r in trained})}, rows {rows}; cells: mean over instances (seeds averaged "
-             f"within each), then (difference to DreamBooth [paired bootstrap 95% interval over instances])"]
-    refs = [r for r in records if r["row"] in (REAL, BASE)]
-    for lr in sorted({r["lr"] for r in trained}):
-        for g in sorted({r["guidance"] for r in trained}, key=lambda x: x != args.guidance[0]):  # main guidance first
-            for step in sorted({r["step"] for r in trained if r["lr"] == lr and r["guidance"] == g}):
-                parts.append(f"\n### lr {lr:g}, guidance {g:g}, step {step}\n\n"
-                             + study_table(records, lr, step, g, rows))
-    if refs:
-        for g in sorted({r["guidance"] for r in refs}, key=lambda x: x != args.guidance[0]):
+    parts = [f"toy study: {len({r['instance_seed'] for r in trained})} instances, training seeds per row: "
+             f"{_seeds_per_row(trained, rows)}; cells: mean over instances (seeds averaged within each), then "
+             f"(difference to DreamBooth [paired bootstrap 95% interval over instances])"]
+    parts += _step_tables(records, rows, args.guidance[0])
+    if any(r["row"] in (REAL, BASE) for r in records):
+        for g in sorted({r["guidance"] for r in records if r["row"] in (REAL, BASE)}, key=lambda x: x != args.guidance[0]):
             parts.append(f"\n### references, guidance {g:g}\n\n" + study_table(records, None, 0, g, [REAL, BASE]))
+    for row in rows:  # the fair pairing: a ComFusion row against DreamBooth at the same settings (prior weight)
+        twin = dreambooth_twin(row)
+        if twin not in (None, "dreambooth") and twin in rows:
+            parts += _step_tables(records, [twin, row], args.guidance[0], twin,
+                                  f"{LABELS[row]} against {LABELS[twin]}: ")
     found = {r["guidance"] for r in trained}
     g_main = args.guidance[0] if args.guidance[0] in found else sorted(found)[0]  # the guidance of every checkpoint
     parts.append(f"\n### at equal instance fidelity (guidance {g_main:g}; every lr and checkpoint of a row against "
-                 "DreamBooth's frontier through all of its own; gap [paired bootstrap 95% interval over instances])"
-                 "\n\n" + frontier_table(records, rows, g_main))
+                 "the frontier through all of its baseline rows' points; gap [paired bootstrap 95% interval over "
+                 "instances])\n\n" + frontier_table(records, frontier_comparisons(rows), g_main))
     parts.append("\n### gradient norm of each weighted term (mean over tasks and logged steps)\n\n"
                  + grad_norm_table(folder / "tasks", rows))
     text = "\n".join(parts) + "\n"

@@ -38,6 +38,7 @@ LEVERS: tuple[tuple[str, str, dict], ...] = (
     ("db_frozen_text", "DreamBooth, text encoder frozen", {"method": "dreambooth", "train.train_text_encoder": False}),
     ("cs0.1", "ComFusion, lambda_C^S 0.1", {"loss.lambda_class_scene": 0.1}),
     ("cs0.3", "ComFusion, lambda_C^S 0.3", {"loss.lambda_class_scene": 0.3}),
+    ("db_cs0.1", "DreamBooth, lambda prior 0.1", {"method": "dreambooth", "loss.lambda_class_scene": 0.1}),
     ("db_cs0.3", "DreamBooth, lambda prior 0.3", {"method": "dreambooth", "loss.lambda_class_scene": 0.3}),
     ("fw0.003", "ComFusion, lambda_F 0.003", {"loss.lambda_fusion_instance": 0.003, "loss.lambda_fusion_scene": 0.003}),
     ("fw0.03", "ComFusion, lambda_F 0.03", {"loss.lambda_fusion_instance": 0.03, "loss.lambda_fusion_scene": 0.03}),

@@ -140,3 +140,46 @@ def test_queue_claims_a_task_once_and_takes_over_a_dead_owners_claim(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     claim.write_text(dead.stdout.strip())  # a finished process's pid
     assert toy_quality._claim(task) and claim.read_text() == str(os.getpid())
+
+
+def _toy_quality():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import toy_quality  # noqa: PLC0415
+
+    return toy_quality
+
+
+def _records(row: str, points: dict[int, tuple[float, float]], n_inst: int = 4) -> list[dict]:
+    """Synthetic study records: at each step, every instance has the same (inst dist, scene)."""
+    return [{"row": row, "instance_seed": i, "seed": 0, "lr": 1e-4, "step": step, "guidance": 7.5,
+             "inst": x, "scene": y} for step, (x, y) in points.items() for i in range(n_inst)]
+
+
+def test_comfusion_at_prior_weight_0_1_is_paired_with_dreambooth_at_0_1():
+    tq = _toy_quality()
+    assert tq.dreambooth_twin("cs0.1") == "db_cs0.1" and tq.dreambooth_twin("cs0.3") == "db_cs0.3"
+    assert tq.dreambooth_twin("comfusion") == "dreambooth" and tq.dreambooth_twin("db_cs0.1") is None
+    rows = ["dreambooth", "db_cs0.1", "comfusion", "cs0.1"]
+    comparisons = tq.frontier_comparisons(rows)
+    assert ("cs0.1", ("db_cs0.1",)) in comparisons and ("cs0.1", ("dreambooth",)) in comparisons
+    assert ("comfusion", ("db_cs0.1",)) in comparisons  # every ComFusion row against every DreamBooth row
+    # DreamBooth 1: scene 0.5 at distance 2 -> 0.7 at 1; DreamBooth 0.1: 0.6 at 2 -> 0.8 at 1;
+    # ComFusion 0.1 0.1 above DreamBooth 0.1 everywhere, 0.2 above DreamBooth 1
+    records = (_records("dreambooth", {50: (2.0, 0.5), 150: (1.0, 0.7)})
+               + _records("db_cs0.1", {50: (2.0, 0.6), 150: (1.0, 0.8)})
+               + _records("cs0.1", {50: (1.8, 0.74), 150: (1.2, 0.86)}))
+    table = tq.study_table(records, 1e-4, 150, 7.5, ["db_cs0.1", "cs0.1"], baseline="db_cs0.1")
+    line = next(ln for ln in table.splitlines() if ln.startswith("| ComFusion, lambda_C^S 0.1 |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1] == "4" and cells[2].startswith("0.860 (+0.060 [+0.060, +0.060])")  # scene vs DreamBooth 0.1
+    assert cells[3].startswith("1.200 (+0.200 [+0.200, +0.200])")  # instance distance
+    frontier = tq.frontier_table(records, [("cs0.1", ("db_cs0.1",)), ("cs0.1", ("dreambooth",))], 7.5)
+    lines = frontier.splitlines()[2:]
+    gaps = [ln.split("|")[3].strip() for ln in lines]
+    assert gaps[0].startswith("+0.100 [+0.100, +0.100] (2 of 2 points)")  # above DreamBooth 0.1's line
+    assert gaps[1].startswith("+0.200 [+0.200, +0.200] (2 of 2 points)")
+    assert "DreamBooth, lambda prior 0.1" in lines[0] and "| DreamBooth |" in lines[1]
+    # a study without the prior-weight-1 DreamBooth row: only the twin pairing, and no crash on a missing row
+    assert tq.frontier_comparisons(["db_cs0.1", "cs0.1"]) == [("cs0.1", ("db_cs0.1",))]
+    missing = tq.frontier_table(records, [("cs0.1", ("db_cs0.3",))], 7.5)
+    assert "no instance in common" in missing.splitlines()[2]
