@@ -26,6 +26,23 @@ if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ]; then
     || { cat "$RUN/ray-token.log"; echo "ray: could not create an auth token (ray get-auth-token --generate)"; exit 1; }
 fi
 
+# MLflow starts first, in the background: its first start (the sqlite schema) then overlaps
+# with Ray's; both are waited for below.
+MLFLOW_STARTED=0
+if [ -f "$RUN/mlflow.pid" ] && kill -0 "$(cat "$RUN/mlflow.pid")" 2>/dev/null; then
+  echo "mlflow: already running (pid $(cat "$RUN/mlflow.pid"))"
+else
+  # Training workers keep HTTP connections to MLflow open between metric flushes (every few
+  # seconds); uvicorn's default 5 s keep-alive closed them under the client, which then logged a
+  # "connection reset, retrying" warning per flush. Idle connections are kept for 2 minutes.
+  setsid "$MLFLOW" server --host 127.0.0.1 --port "$MLFLOW_PORT" \
+    --backend-store-uri "sqlite:///$STORAGE/mlflow.db" \
+    --artifacts-destination "$STORAGE/mlartifacts" --workers 1 \
+    --uvicorn-opts "--timeout-keep-alive 120" >"$RUN/mlflow.log" 2>&1 &
+  echo $! >"$RUN/mlflow.pid"
+  MLFLOW_STARTED=1
+fi
+
 # Is a head already up? Its dashboard answers this at once (`ray status --address` would keep
 # retrying for a minute when nothing listens).
 if curl -sf -m 5 "http://127.0.0.1:$DASHBOARD_PORT/api/gcs_healthz" >/dev/null 2>&1; then
@@ -51,17 +68,7 @@ else
   echo "ray: head started (dashboard http://127.0.0.1:$DASHBOARD_PORT, token in ${RAY_AUTH_TOKEN_PATH:-~/.ray/auth_token})"
 fi
 
-if [ -f "$RUN/mlflow.pid" ] && kill -0 "$(cat "$RUN/mlflow.pid")" 2>/dev/null; then
-  echo "mlflow: already running (pid $(cat "$RUN/mlflow.pid"))"
-else
-  # Training workers keep HTTP connections to MLflow open between metric flushes (every few
-  # seconds); uvicorn's default 5 s keep-alive closed them under the client, which then logged a
-  # "connection reset, retrying" warning per flush. Idle connections are kept for 2 minutes.
-  setsid "$MLFLOW" server --host 127.0.0.1 --port "$MLFLOW_PORT" \
-    --backend-store-uri "sqlite:///$STORAGE/mlflow.db" \
-    --artifacts-destination "$STORAGE/mlartifacts" --workers 1 \
-    --uvicorn-opts "--timeout-keep-alive 120" >"$RUN/mlflow.log" 2>&1 &
-  echo $! >"$RUN/mlflow.pid"
+if [ "$MLFLOW_STARTED" = 1 ]; then
   # seconds on an idle machine; minutes on a loaded one (MLFLOW_START_TIMEOUT, default 180 s)
   for _ in $(seq 1 "${MLFLOW_START_TIMEOUT:-180}"); do
     curl -sf "http://127.0.0.1:$MLFLOW_PORT/health" >/dev/null 2>&1 && break
