@@ -117,7 +117,7 @@ def test_study_runs_in_pieces_resumes_and_reports_intervals(tmp_path):
     frontier = table.split("### at equal instance fidelity")[1].split("###")[0]
     assert frontier.count("| ComFusion (tau=3) | ") == 1 and ("points)" in frontier or "no overlap" in frontier)
     assert Image.open(out / "study" / "tradeoff.png").size[0] > 500
-    norms = [ln for ln in table.split("### gradient norm")[1].splitlines() if ln.startswith("| ComFusion (tau=3)")]
+    norms = [ln for ln in table.split("### gradient norm")[1].split("###")[0].splitlines() if ln.startswith("| ComFusion (tau=3)")]
     assert len(norms) == 2 and all(float(c) > 0 for c in norms[0].strip("|").split("|")[2:])  # every term, each lr
     with open(out / "study" / "records.csv") as f:
         records = list(csv.DictReader(f))
