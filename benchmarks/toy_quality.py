@@ -537,16 +537,15 @@ def frontier_table(records: list[dict], comparisons: list[tuple[str, tuple[str, 
 
 
 def grad_norm_table(folder: Path, rows: list[str]) -> str:
-    """Per row and lr: the mean `train.grad_norm_every` norms of each loss term (how large each is)."""
+    """Per row of `rows` and lr: the mean `train.grad_norm_every` norms of each loss term (how large each is)."""
     terms = ("instance", "class_scene", "fusion_instance", "fusion_scene", "total")
     sums: dict[tuple, list[dict]] = {}
     for path in sorted(folder.glob("*.json")):
         meta = json.loads(path.read_text())
-        if meta.get("grad_norms"):
+        if meta.get("grad_norms") and meta["row"] in rows:
             sums.setdefault((meta["row"], meta["lr"]), []).extend(meta["grad_norms"])
     lines = ["| row | lr | " + " | ".join(terms) + " |", "|---" * (len(terms) + 2) + "|"]
-    for (row, lr), norms in sorted(sums.items(), key=lambda kv: (rows.index(kv[0][0]) if kv[0][0] in rows else 99,
-                                                                 kv[0][1])):
+    for (row, lr), norms in sorted(sums.items(), key=lambda kv: (rows.index(kv[0][0]), kv[0][1])):
         cells = [f"{np.mean([n[t] for n in norms if t in n]):.3g}" if any(t in n for n in norms) else "-"
                  for t in terms]
         lines.append(f"| {LABELS.get(row, row)} | {lr:g} | " + " | ".join(cells) + " |")
