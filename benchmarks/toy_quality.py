@@ -552,6 +552,31 @@ def grad_norm_table(folder: Path, rows: list[str]) -> str:
     return "\n".join(lines) if sums else "(no task logged gradient norms: train.grad_norm_every is 0)"
 
 
+BASE_COLUMNS = (("scene", "scene"), ("inst", "inst dist"), ("inst|ok", "inst, scene ok"), ("both", "both"),
+                (f"{H}/dino", "DINO ho"))
+
+
+def against_base_table(records: list[dict], rows: list[str], guidance: float) -> str:
+    """Each row's last checkpoint of each lr, at every guidance it was sampled at, against the untuned model
+    told the colour ("Base, colour named") at `guidance`: mean (difference [paired bootstrap 95% interval])."""
+    base = {c: _per_instance(records, BASE, None, 0, guidance, c) for c, _ in BASE_COLUMNS}
+    lines = ["| row | lr, step, guidance | " + " | ".join(h for _, h in BASE_COLUMNS) + " |",
+             "|---" * (len(BASE_COLUMNS) + 2) + "|"]
+    for row in rows:
+        mine = [r for r in records if r["row"] == row]
+        for lr in sorted({r["lr"] for r in mine}):
+            step = max(r["step"] for r in mine if r["lr"] == lr)
+            for g in sorted({r["guidance"] for r in mine if r["lr"] == lr and r["step"] == step}, reverse=True):
+                cells = []
+                for col, _ in BASE_COLUMNS:
+                    vals = _per_instance(records, row, lr, step, g, col)
+                    diffs = [v - base[col][k] for k, v in vals.items() if k in base[col]]
+                    d, lo, hi = toy_scores.paired_bootstrap(diffs)
+                    cells.append(f"{np.nanmean(list(vals.values())):.3f} ({d:+.3f} [{lo:+.3f}, {hi:+.3f}])")
+                lines.append(f"| {LABELS.get(row, row)} | {lr:g}, {step}, {g:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def train_speed_table(records: list[dict], rows: list[str]) -> str:
     """Per row and lr: training seconds per step (sampling and scoring left out), mean and spread over its
     tasks; both queue processes run every row under the same load, so rows compare, absolute values do not."""
@@ -663,6 +688,9 @@ def study_report(args, folder: Path, variants: list[str]) -> int:
     parts.append(f"\n### at equal instance fidelity (guidance {g_main:g}; every lr and checkpoint of a row against "
                  "the frontier through all of its baseline rows' points; gap [paired bootstrap 95% interval over "
                  "instances])\n\n" + frontier_table(records, frontier_comparisons(rows, base), g_main))
+    if any(r["row"] == BASE for r in records):
+        parts.append(f"\n### last checkpoint against {LABELS[BASE]} at guidance {g_main:g} (mean (difference "
+                     "[paired bootstrap 95% interval over instances]))\n\n" + against_base_table(records, rows, g_main))
     parts.append("\n### gradient norm of each weighted term (mean over tasks and logged steps)\n\n"
                  + grad_norm_table(folder / "tasks", rows))
     parts.append("\n### training speed (seconds per step, without sampling and scoring)\n\n"

@@ -117,7 +117,8 @@ def test_study_runs_in_pieces_resumes_and_reports_intervals(tmp_path):
     frontier = table.split("### at equal instance fidelity")[1].split("###")[0]
     assert frontier.count("| ComFusion (tau=3) | ") == 1 and ("points)" in frontier or "no overlap" in frontier)
     assert Image.open(out / "study" / "tradeoff.png").size[0] > 500
-    norms = [ln for ln in table.split("### gradient norm")[1].split("###")[0].splitlines() if ln.startswith("| ComFusion (tau=3)")]
+    norms = table.split("### gradient norm")[1].split("###")[0].splitlines()
+    norms = [ln for ln in norms if ln.startswith("| ComFusion (tau=3)")]
     assert len(norms) == 2 and all(float(c) > 0 for c in norms[0].strip("|").split("|")[2:])  # every term, each lr
     with open(out / "study" / "records.csv") as f:
         records = list(csv.DictReader(f))
@@ -126,6 +127,8 @@ def test_study_runs_in_pieces_resumes_and_reports_intervals(tmp_path):
     assert {r["step"] for r in records if r["row"] == "comfusion" and r["guidance"] == "3.0"} == {"2"}
     assert "### lr 0.0002, guidance 3, step 2" in table and "guidance 3, step 1" not in table
     speed = [ln for ln in table.split("### training speed")[1].splitlines() if ln.startswith("| ComFusion (tau=3)")]
+    vs_base = table.split("against Base, colour named")[1].split("###")[0]
+    assert vs_base.count("| ComFusion (tau=3) | ") == 4 and "| 0.0001, 2, 3 |" in vs_base  # 2 lrs x 2 guidances
     assert len(speed) == 2 and float(speed[0].split("|")[4]) > 0  # seconds per step, each lr
     other = _run(*small, "--report-only", "--baseline", "comfusion")  # every row against another baseline row
     assert other.returncode == 0, other.stdout[-3000:] + other.stderr[-3000:]
@@ -213,3 +216,16 @@ def test_lever_rows_at_prior_weight_0_1_pair_with_the_dreambooth_row_of_their_pr
     assert [ln.split("|")[3].strip() for ln in lines] == ["3", "3"]  # tasks, not checkpoints
     cells = [[float(c) for c in ln.split("|")[4:7]] for ln in lines]
     assert cells == [[0.4, 0.4, 0.2], [0.2, 0.2, 0.1]]  # seconds / 150 steps: mean, median, min
+
+
+def test_last_checkpoints_against_the_untuned_model_told_the_colour():
+    tq = _toy_quality()
+    base = [{"row": tq.BASE, "instance_seed": i, "seed": None, "lr": None, "step": 0, "guidance": 7.5,
+             "inst": 1.5, "scene": 1.0} for i in range(4)]
+    rows = _records("cs0", {50: (2.0, 0.8), 150: (1.2, 0.7)})
+    rows += [{**r, "guidance": 3.0, "inst": 1.0} for r in rows if r["step"] == 150]
+    lines = tq.against_base_table(base + rows, ["cs0"], 7.5).splitlines()[2:]
+    assert [ln.split("|")[2].strip() for ln in lines] == ["0.0001, 150, 7.5", "0.0001, 150, 3"]  # last step only
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+    assert cells[0][2].startswith("0.700 (-0.300 [-0.300, -0.300])")  # scene against the base's 1.0
+    assert cells[0][3].startswith("1.200 (-0.300") and cells[1][3].startswith("1.000 (-0.500")  # closer
