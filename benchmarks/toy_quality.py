@@ -30,11 +30,12 @@ the ceiling) and "Base, colour named" (the untuned model asked "a [colour] [clas
 training (every `--every` steps) at the first `--guidance` (the others at the last checkpoint
 only), and writes one JSON per task under
 <out>/study/tasks/ (a task already there is skipped, so the study runs in pieces and resumes); the
-report is paired bootstrap 95% intervals of each row's difference to DreamBooth over instances
-(seeds averaged within an instance) and a trade-off plot (scene accuracy against instance distance
-along training, one curve per row; exact and held-out judges) and each row's gap to DreamBooth's
-frontier at equal instance fidelity; a ComFusion row run beside its DreamBooth twin (same overrides but the
-method, e.g. cs0.1 and db_cs0.1) is also compared with that twin, the fair pairing at equal prior weight.
+report is paired bootstrap 95% intervals of each row's difference to the `--baseline` row (DreamBooth
+unless told) over instances (seeds averaged within an instance) and a trade-off plot (scene accuracy
+against instance distance along training, one curve per row; exact and held-out judges) and each row's
+gap to the baseline's frontier at equal instance fidelity; a ComFusion row run beside its DreamBooth twin
+(same overrides but the method and the fusion stream, e.g. cs0.1 or cs0.1_last and db_cs0.1) is also
+compared with that twin, the fair pairing at equal prior weight; and each row's training seconds per step.
 `--queue` processes share the task list through claim files.
 """
 from __future__ import annotations
@@ -492,26 +493,27 @@ def _x_range(points: dict) -> str:
     return f"{min(xs):.2f}..{max(xs):.2f}" if xs else "none"
 
 
+# keys of the fusion stream, which DreamBooth has not: a ComFusion row's twin ignores them
+FUSION_KEYS = ("loss.fusion", "loss.tau", "loss.lambda_fusion_", "loss.use_fusion_")
+
+
 def dreambooth_twin(row: str) -> str | None:
-    """The DreamBooth row trained like `row` but for the method (ComFusion at prior weight 0.1 ->
-    DreamBooth at prior weight 0.1): the fair pairing at equal settings. None for a DreamBooth row."""
+    """The DreamBooth row trained like `row` but for the method and the fusion stream (ComFusion at prior
+    weight 0.1, with or without `loss.fusion_backprop: last` -> DreamBooth at prior weight 0.1): the fair
+    pairing at equal settings. None for a DreamBooth row, or when no DreamBooth row has those settings."""
     if row not in OVERRIDES or OVERRIDES[row].get("method") == "dreambooth":
         return None
-    want = {**OVERRIDES[row], "method": "dreambooth"}
+    want = {k: v for k, v in OVERRIDES[row].items() if not k.startswith(FUSION_KEYS)} | {"method": "dreambooth"}
     return next((k for k, o in OVERRIDES.items() if o == want), None)
 
 
-def frontier_comparisons(rows: list[str]) -> list[tuple[str, tuple[str, ...]]]:
-    """(row, baseline rows) pairs for `frontier_table`: every row against DreamBooth (prior weight 1), and a
-    ComFusion row also against every other DreamBooth row run (its twin at equal prior weight first).
+def frontier_comparisons(rows: list[str], baseline: str = "dreambooth") -> list[tuple[str, tuple[str, ...]]]:
+    """(row, baseline rows) pairs for `frontier_table`: every row against `baseline`, and a ComFusion row
+    also against its DreamBooth twin (equal settings) when that ran and is not the baseline.
     Each baseline is one row: the points of two rows would zig-zag, not make one frontier."""
-    db_rows = [r for r in rows if OVERRIDES.get(r, {}).get("method") == "dreambooth" and r != "dreambooth"]
-    out = [(row, ("dreambooth",)) for row in rows if row != "dreambooth" and "dreambooth" in rows]
-    for row in rows:
-        twin = dreambooth_twin(row)
-        if twin is not None:
-            out += [(row, (b,)) for b in sorted(db_rows, key=lambda b: b != twin)]
-    return out
+    out = [(row, (baseline,)) for row in rows if row != baseline and baseline in rows]
+    twins = [(row, dreambooth_twin(row)) for row in rows]
+    return out + [(row, (twin,)) for row, twin in twins if twin in rows and twin != baseline]
 
 
 def frontier_table(records: list[dict], comparisons: list[tuple[str, tuple[str, ...]]], guidance: float) -> str:
@@ -535,20 +537,61 @@ def frontier_table(records: list[dict], comparisons: list[tuple[str, tuple[str, 
 
 
 def grad_norm_table(folder: Path, rows: list[str]) -> str:
-    """Per row and lr: the mean `train.grad_norm_every` norms of each loss term (how large each is)."""
+    """Per row of `rows` and lr: the mean `train.grad_norm_every` norms of each loss term (how large each is)."""
     terms = ("instance", "class_scene", "fusion_instance", "fusion_scene", "total")
     sums: dict[tuple, list[dict]] = {}
     for path in sorted(folder.glob("*.json")):
         meta = json.loads(path.read_text())
-        if meta.get("grad_norms"):
+        if meta.get("grad_norms") and meta["row"] in rows:
             sums.setdefault((meta["row"], meta["lr"]), []).extend(meta["grad_norms"])
     lines = ["| row | lr | " + " | ".join(terms) + " |", "|---" * (len(terms) + 2) + "|"]
-    for (row, lr), norms in sorted(sums.items(), key=lambda kv: (rows.index(kv[0][0]) if kv[0][0] in rows else 99,
-                                                                 kv[0][1])):
+    for (row, lr), norms in sorted(sums.items(), key=lambda kv: (rows.index(kv[0][0]), kv[0][1])):
         cells = [f"{np.mean([n[t] for n in norms if t in n]):.3g}" if any(t in n for n in norms) else "-"
                  for t in terms]
         lines.append(f"| {LABELS.get(row, row)} | {lr:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) if sums else "(no task logged gradient norms: train.grad_norm_every is 0)"
+
+
+BASE_COLUMNS = (("scene", "scene"), ("inst", "inst dist"), ("inst|ok", "inst, scene ok"), ("both", "both"),
+                (f"{H}/dino", "DINO ho"))
+
+
+def against_base_table(records: list[dict], rows: list[str], guidance: float) -> str:
+    """Each row's last checkpoint of each lr, at every guidance it was sampled at, against the untuned model
+    told the colour ("Base, colour named") at `guidance`: mean (difference [paired bootstrap 95% interval])."""
+    base = {c: _per_instance(records, BASE, None, 0, guidance, c) for c, _ in BASE_COLUMNS}
+    lines = ["| row | lr, step, guidance | " + " | ".join(h for _, h in BASE_COLUMNS) + " |",
+             "|---" * (len(BASE_COLUMNS) + 2) + "|"]
+    for row in rows:
+        mine = [r for r in records if r["row"] == row]
+        for lr in sorted({r["lr"] for r in mine}):
+            step = max(r["step"] for r in mine if r["lr"] == lr)
+            for g in sorted({r["guidance"] for r in mine if r["lr"] == lr and r["step"] == step}, reverse=True):
+                cells = []
+                for col, _ in BASE_COLUMNS:
+                    vals = _per_instance(records, row, lr, step, g, col)
+                    diffs = [v - base[col][k] for k, v in vals.items() if k in base[col]]
+                    d, lo, hi = toy_scores.paired_bootstrap(diffs)
+                    cells.append(f"{np.nanmean(list(vals.values())):.3f} ({d:+.3f} [{lo:+.3f}, {hi:+.3f}])")
+                lines.append(f"| {LABELS.get(row, row)} | {lr:g}, {step}, {g:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def train_speed_table(records: list[dict], rows: list[str]) -> str:
+    """Per row and lr: training seconds per step (sampling and scoring left out), mean and spread over its
+    tasks; both queue processes run every row under the same load, so rows compare, absolute values do not."""
+    tasks: dict[tuple, dict] = {}
+    for r in records:
+        if r["row"] in rows and r.get("train_seconds"):
+            key = (r["row"], r["lr"], r["instance_seed"], r["seed"])
+            tasks[key] = {"s": r["train_seconds"], "steps": max(r["step"], tasks.get(key, {}).get("steps", 0))}
+    lines = ["| row | lr | tasks | train s/step (mean) | median | min |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        for lr in sorted({k[1] for k in tasks if k[0] == row}):
+            per = [t["s"] / t["steps"] for k, t in tasks.items() if k[0] == row and k[1] == lr]
+            lines.append(f"| {LABELS.get(row, row)} | {lr:g} | {len(per)} | {np.mean(per):.3f} | "
+                         f"{np.median(per):.3f} | {min(per):.3f} |")
+    return "\n".join(lines)
 
 
 def _mean_point(records: list[dict], row: str, lr, step: int, guidance: float, xc: str, yc: str) -> tuple:
@@ -567,6 +610,7 @@ def tradeoff_plot(records: list[dict], rows: list[str], lrs: list, guidance: flo
     axes_def = (("inst", "scene", "instance distance (exact, lower = closer)", "scene accuracy (exact)"),
                 (f"{H}/dino", f"{H}/clip_t", "DINO vs asked-scene references (held-out)", "CLIP-T (held-out)"))
     fig, axes = plt.subplots(2, len(lrs), figsize=(6.5 * len(lrs), 10), squeeze=False)
+    colours = plt.get_cmap("tab20" if len(rows) > 10 else "tab10").colors
     for j, lr in enumerate(lrs):
         for i, (xc, yc, xl, yl) in enumerate(axes_def):
             ax = axes[i][j]
@@ -576,7 +620,9 @@ def tradeoff_plot(records: list[dict], rows: list[str], lrs: list, guidance: flo
                 if not steps:
                     continue
                 pts = [_mean_point(records, row, lr, s, guidance, xc, yc) for s in steps]
-                line, = ax.plot(*zip(*pts), marker="o", label=LABELS.get(row, row))
+                dashed = OVERRIDES.get(row, {}).get("method") == "dreambooth"  # DreamBooth rows dashed
+                line, = ax.plot(*zip(*pts), marker="o", label=LABELS.get(row, row), ls="--" if dashed else "-",
+                                color=colours[rows.index(row) % len(colours)])
                 ax.annotate(str(steps[-1]), pts[-1], fontsize=7)
                 for g in sorted({r["guidance"] for r in mine if r["step"] == steps[-1]} - {guidance}):
                     p = _mean_point(records, row, lr, steps[-1], g, xc, yc)
@@ -623,26 +669,32 @@ def study_report(args, folder: Path, variants: list[str]) -> int:
     if not trained:
         say(f"no finished study tasks under {folder / 'tasks'}")
         return 1
-    rows = [k for k in dict.fromkeys(["dreambooth"] + variants) if any(r["row"] == k for r in trained)]
+    base = args.baseline
+    rows = [k for k in dict.fromkeys([base] + variants) if any(r["row"] == k for r in trained)]
     parts = [f"toy study: {len({r['instance_seed'] for r in trained})} instances, training seeds per row: "
              f"{_seeds_per_row(trained, rows)}; cells: mean over instances (seeds averaged within each), then "
-             f"(difference to DreamBooth [paired bootstrap 95% interval over instances])"]
-    parts += _step_tables(records, rows, args.guidance[0])
+             f"(difference to {LABELS[base]} [paired bootstrap 95% interval over instances])"]
+    parts += _step_tables(records, rows, args.guidance[0], base)
     if any(r["row"] in (REAL, BASE) for r in records):
         for g in sorted({r["guidance"] for r in records if r["row"] in (REAL, BASE)}, key=lambda x: x != args.guidance[0]):
             parts.append(f"\n### references, guidance {g:g}\n\n" + study_table(records, None, 0, g, [REAL, BASE]))
     for row in rows:  # the fair pairing: a ComFusion row against DreamBooth at the same settings (prior weight)
         twin = dreambooth_twin(row)
-        if twin not in (None, "dreambooth") and twin in rows:
+        if twin not in (None, base) and twin in rows:
             parts += _step_tables(records, [twin, row], args.guidance[0], twin,
                                   f"{LABELS[row]} against {LABELS[twin]}: ")
     found = {r["guidance"] for r in trained}
     g_main = args.guidance[0] if args.guidance[0] in found else sorted(found)[0]  # the guidance of every checkpoint
     parts.append(f"\n### at equal instance fidelity (guidance {g_main:g}; every lr and checkpoint of a row against "
                  "the frontier through all of its baseline rows' points; gap [paired bootstrap 95% interval over "
-                 "instances])\n\n" + frontier_table(records, frontier_comparisons(rows), g_main))
+                 "instances])\n\n" + frontier_table(records, frontier_comparisons(rows, base), g_main))
+    if any(r["row"] == BASE for r in records):
+        parts.append(f"\n### last checkpoint against {LABELS[BASE]} at guidance {g_main:g} (mean (difference "
+                     "[paired bootstrap 95% interval over instances]))\n\n" + against_base_table(records, rows, g_main))
     parts.append("\n### gradient norm of each weighted term (mean over tasks and logged steps)\n\n"
                  + grad_norm_table(folder / "tasks", rows))
+    parts.append("\n### training speed (seconds per step, without sampling and scoring)\n\n"
+                 + train_speed_table(trained, rows))
     text = "\n".join(parts) + "\n"
     (folder / "table.md").write_text(text)
     with open(folder / "records.csv", "w", newline="") as f:
@@ -752,6 +804,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "at the last checkpoint only (the guidance lever)")
     st.add_argument("--piece", type=_piece, default=(1, 1), help="run only piece K of N (K/N) of the tasks")
     st.add_argument("--report-only", action="store_true", help="no training: the report from finished tasks")
+    st.add_argument("--baseline", default="dreambooth", choices=keys, metavar="KEY",
+                    help="the row every other row is compared with in the report (default: dreambooth)")
     st.add_argument("--queue", action="store_true",
                     help="one worker taking tasks from a queue shared with other --queue processes (claim files)")
     args = ap.parse_args(argv)

@@ -42,6 +42,19 @@ LEVERS: tuple[tuple[str, str, dict], ...] = (
     ("db_cs0.3", "DreamBooth, lambda prior 0.3", {"method": "dreambooth", "loss.lambda_class_scene": 0.3}),
     ("fw0.003", "ComFusion, lambda_F 0.003", {"loss.lambda_fusion_instance": 0.003, "loss.lambda_fusion_scene": 0.003}),
     ("fw0.03", "ComFusion, lambda_F 0.03", {"loss.lambda_fusion_instance": 0.03, "loss.lambda_fusion_scene": 0.03}),
+    # prior weight 0 (no class-scene / prior term) and the other levers at prior weight 0.1, the fair setting
+    ("cs0", "ComFusion, lambda_C^S 0", {"loss.lambda_class_scene": 0.0}),
+    ("db_cs0", "DreamBooth, lambda prior 0", {"method": "dreambooth", "loss.lambda_class_scene": 0.0}),
+    ("cs0.1_last", "ComFusion 0.1, f_theta grad last call",
+     {"loss.lambda_class_scene": 0.1, "loss.fusion_backprop": "last"}),
+    ("cs0.1_frozen_text", "ComFusion 0.1, text encoder frozen",
+     {"loss.lambda_class_scene": 0.1, "train.train_text_encoder": False}),
+    ("db_cs0.1_frozen_text", "DreamBooth 0.1, text encoder frozen",
+     {"method": "dreambooth", "loss.lambda_class_scene": 0.1, "train.train_text_encoder": False}),
+    ("cs0.1_fw0.003", "ComFusion 0.1, lambda_F 0.003",
+     {"loss.lambda_class_scene": 0.1, "loss.lambda_fusion_instance": 0.003, "loss.lambda_fusion_scene": 0.003}),
+    ("cs0.1_fw0.03", "ComFusion 0.1, lambda_F 0.03",
+     {"loss.lambda_class_scene": 0.1, "loss.lambda_fusion_instance": 0.03, "loss.lambda_fusion_scene": 0.03}),
 )
 
 

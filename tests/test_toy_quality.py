@@ -117,7 +117,8 @@ def test_study_runs_in_pieces_resumes_and_reports_intervals(tmp_path):
     frontier = table.split("### at equal instance fidelity")[1].split("###")[0]
     assert frontier.count("| ComFusion (tau=3) | ") == 1 and ("points)" in frontier or "no overlap" in frontier)
     assert Image.open(out / "study" / "tradeoff.png").size[0] > 500
-    norms = [ln for ln in table.split("### gradient norm")[1].splitlines() if ln.startswith("| ComFusion (tau=3)")]
+    norms = table.split("### gradient norm")[1].split("###")[0].splitlines()
+    norms = [ln for ln in norms if ln.startswith("| ComFusion (tau=3)")]
     assert len(norms) == 2 and all(float(c) > 0 for c in norms[0].strip("|").split("|")[2:])  # every term, each lr
     with open(out / "study" / "records.csv") as f:
         records = list(csv.DictReader(f))
@@ -125,6 +126,15 @@ def test_study_runs_in_pieces_resumes_and_reports_intervals(tmp_path):
     # the second guidance is sampled at the last checkpoint only (the guidance lever, not a curve)
     assert {r["step"] for r in records if r["row"] == "comfusion" and r["guidance"] == "3.0"} == {"2"}
     assert "### lr 0.0002, guidance 3, step 2" in table and "guidance 3, step 1" not in table
+    speed = [ln for ln in table.split("### training speed")[1].splitlines() if ln.startswith("| ComFusion (tau=3)")]
+    vs_base = table.split("against Base, colour named")[1].split("###")[0]
+    assert vs_base.count("| ComFusion (tau=3) | ") == 4 and "| 0.0001, 2, 3 |" in vs_base  # 2 lrs x 2 guidances
+    assert len(speed) == 2 and float(speed[0].split("|")[4]) > 0  # seconds per step, each lr
+    other = _run(*small, "--report-only", "--baseline", "comfusion")  # every row against another baseline row
+    assert other.returncode == 0, other.stdout[-3000:] + other.stderr[-3000:]
+    table = (out / "study" / "table.md").read_text()
+    assert "difference to ComFusion (tau=3) [" in table
+    assert any(ln.startswith("| DreamBooth | 2 |") and "[" in ln for ln in table.splitlines())
     bad = _run("--study", "--piece", "3/2", "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "--piece" in bad.stderr
 
@@ -162,7 +172,7 @@ def test_comfusion_at_prior_weight_0_1_is_paired_with_dreambooth_at_0_1():
     rows = ["dreambooth", "db_cs0.1", "comfusion", "cs0.1"]
     comparisons = tq.frontier_comparisons(rows)
     assert ("cs0.1", ("db_cs0.1",)) in comparisons and ("cs0.1", ("dreambooth",)) in comparisons
-    assert ("comfusion", ("db_cs0.1",)) in comparisons  # every ComFusion row against every DreamBooth row
+    assert ("comfusion", ("db_cs0.1",)) not in comparisons  # against the baseline and its own twin only
     # DreamBooth 1: scene 0.5 at distance 2 -> 0.7 at 1; DreamBooth 0.1: 0.6 at 2 -> 0.8 at 1;
     # ComFusion 0.1 0.1 above DreamBooth 0.1 everywhere, 0.2 above DreamBooth 1
     records = (_records("dreambooth", {50: (2.0, 0.5), 150: (1.0, 0.7)})
@@ -183,3 +193,39 @@ def test_comfusion_at_prior_weight_0_1_is_paired_with_dreambooth_at_0_1():
     assert tq.frontier_comparisons(["db_cs0.1", "cs0.1"]) == [("cs0.1", ("db_cs0.1",))]
     missing = tq.frontier_table(records, [("cs0.1", ("db_cs0.3",))], 7.5)
     assert "no instance in common" in missing.splitlines()[2]
+
+
+def test_lever_rows_at_prior_weight_0_1_pair_with_the_dreambooth_row_of_their_prior_weight():
+    tq = _toy_quality()
+    # the fusion stream (backprop, fusion weights) is no DreamBooth setting: those rows pair with db_cs0.1
+    assert tq.dreambooth_twin("cs0.1_last") == "db_cs0.1" and tq.dreambooth_twin("cs0.1_fw0.03") == "db_cs0.1"
+    assert tq.dreambooth_twin("cs0.1_frozen_text") == "db_cs0.1_frozen_text" and tq.dreambooth_twin("cs0") == "db_cs0"
+    assert tq.dreambooth_twin("backprop_last") == "dreambooth" and tq.dreambooth_twin("frozen_text") == "db_frozen_text"
+    assert tq.dreambooth_twin("db_cs0") is None
+    assert tq.OVERRIDES["cs0"]["loss.lambda_class_scene"] == 0.0 and tq.OVERRIDES["db_cs0"]["method"] == "dreambooth"
+    rows = ["db_cs0.1", "cs0.1", "cs0.1_last", "db_cs0", "cs0", "cs0.1_frozen_text"]
+    comparisons = tq.frontier_comparisons(rows, baseline="db_cs0.1")
+    assert [c for c in comparisons if c[0] == "cs0"] == [("cs0", ("db_cs0.1",)), ("cs0", ("db_cs0",))]
+    assert [c for c in comparisons if c[0] == "cs0.1_last"] == [("cs0.1_last", ("db_cs0.1",))]
+    assert ("cs0.1_frozen_text", ("db_cs0.1_frozen_text",)) not in comparisons  # its twin did not run
+    assert ("db_cs0", ("db_cs0.1",)) in comparisons and all(c[0] != "db_cs0.1" for c in comparisons)
+    records = [{"row": row, "instance_seed": i, "seed": 0, "lr": 1e-4, "step": step, "guidance": 7.5,
+                "train_seconds": s * (1 + i)} for row, s in (("cs0.1", 30.0), ("cs0.1_last", 15.0)) for i in range(3)
+               for step in (50, 150)]  # one task per (row, instance, seed), a record per checkpoint
+    lines = tq.train_speed_table(records, ["cs0.1", "cs0.1_last"]).splitlines()[2:]
+    assert [ln.split("|")[3].strip() for ln in lines] == ["3", "3"]  # tasks, not checkpoints
+    cells = [[float(c) for c in ln.split("|")[4:7]] for ln in lines]
+    assert cells == [[0.4, 0.4, 0.2], [0.2, 0.2, 0.1]]  # seconds / 150 steps: mean, median, min
+
+
+def test_last_checkpoints_against_the_untuned_model_told_the_colour():
+    tq = _toy_quality()
+    base = [{"row": tq.BASE, "instance_seed": i, "seed": None, "lr": None, "step": 0, "guidance": 7.5,
+             "inst": 1.5, "scene": 1.0} for i in range(4)]
+    rows = _records("cs0", {50: (2.0, 0.8), 150: (1.2, 0.7)})
+    rows += [{**r, "guidance": 3.0, "inst": 1.0} for r in rows if r["step"] == 150]
+    lines = tq.against_base_table(base + rows, ["cs0"], 7.5).splitlines()[2:]
+    assert [ln.split("|")[2].strip() for ln in lines] == ["0.0001, 150, 7.5", "0.0001, 150, 3"]  # last step only
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+    assert cells[0][2].startswith("0.700 (-0.300 [-0.300, -0.300])")  # scene against the base's 1.0
+    assert cells[0][3].startswith("1.200 (-0.300") and cells[1][3].startswith("1.000 (-0.500")  # closer
