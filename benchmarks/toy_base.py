@@ -22,7 +22,7 @@ its rendering ceiling), and the untuned model asked "a [colour] [class] [scene]"
 
     python benchmarks/toy_base.py                     # 3 instances x 5 rows, checkpoints 50 150 300
     python benchmarks/toy_base.py --rows db prior0 --prompts sks  # two rows, one prompt kind: a third of the time
-    python benchmarks/toy_base.py --instances 4 --rows prior0_lr1e-4 --checkpoints 150 300 450 --prompts sks \
+    python benchmarks/toy_base.py --instances 4 --rows prior0_lr1e-4 --checkpoints 150 300 450 --prompts sks \\
         --photos 3 --priors 44 --images-per-scene 2 --set sampler.steps=10  # the study's DreamBooth-0, 3 photos
     python benchmarks/toy_base.py --instances 1 --rows db --checkpoints 2 --scenes 1 \\
         --images-per-scene 1 --priors 2               # seconds: checks it runs
@@ -296,7 +296,8 @@ def table(folder: Path) -> str:
         if recs:
             lines.append(f"| {label} | {len(recs)} | - | - | " + " | ".join(f"{_mean(recs, c):.3f}" for c, _ in COLUMNS)
                          + " | - | - | - | - |")
-    for row, photos in sorted({(f["row"], f.get("photos", 1)) for f in trained}, key=lambda k: (list(ROWS).index(k[0]), k[1])):
+    kept = sorted({(f["row"], f.get("photos", 1)) for f in trained}, key=lambda k: (list(ROWS).index(k[0]), k[1]))
+    for row, photos in kept:  # a row per (row, photos): runs on several photos stand apart
         runs = [f for f in trained if f["row"] == row and f.get("photos", 1) == photos]
         label = ROWS[row][0] + (f", {photos} photos" if photos > 1 else "")
         for step in sorted({r["step"] for f in runs for r in f["records"]}):

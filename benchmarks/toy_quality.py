@@ -2,8 +2,9 @@
 the levers of issue 16, scored by judges kept apart from training.
 
 For world instances that pretraining never saw (seeds from `world.HELD_OUT_SEED_START`), one photo
-each on one background (`world.PHOTO_SCENE`), every row is trained with the same budget
-(configs/toy_quality.yaml: steps, learning rate, priors) on the committed `toy` preset, then samples
+each (`--photos N`: the first N, each its own view) on one background (`world.PHOTO_SCENE`), every
+row is trained with the same budget (configs/toy_quality.yaml: steps, learning rate, priors) on the
+committed `toy` preset, then samples
 "a sks [class noun] [scene]" ("sks" is a reserved single token) for every scene of `data.scenes`
 from the same seeds. Columns (`comfusion.toy.scores` defines them):
 
@@ -118,7 +119,8 @@ def subject_id(inst: world.Instance) -> str:
     return f"{inst.colour}-{inst.class_noun}-{inst.seed - world.HELD_OUT_SEED_START}"
 
 
-def write_photos(instances: list[world.Instance], folder: Path, size: int, n_train: int = 1) -> dict[str, tuple[str, ...]]:
+def write_photos(instances: list[world.Instance], folder: Path, size: int,
+                 n_train: int = 1) -> dict[str, tuple[str, ...]]:
     """<folder>/<subject id>/<k>.png: the instance's room photos; returns the first `n_train` of each
     (the training photos)."""
     if not 1 <= n_train <= N_REFERENCE_PHOTOS:
@@ -371,7 +373,8 @@ def run_default(args, cfg: JobConfig, out: Path, instances, photos, variants, t_
     means = {k: {c: float(np.nanmean([p[c] for p in per_instance if p["row"] == k])) for c in keys} for k in rows}
     seconds = {k: float(np.mean([p["train_seconds"] for p in per_instance if p["row"] == k])) for k in variants}
     md = table_markdown(rows, means, seconds)
-    header = (f"toy world, {len(instances)} held-out instances x {args.photos} photo{'s' * (args.photos > 1)}, {cfg.train.steps} steps at lr {cfg.train.lr}, "
+    header = (f"toy world, {len(instances)} held-out instances x {args.photos} photo{'s' * (args.photos > 1)}, "
+              f"{cfg.train.steps} steps at lr {cfg.train.lr}, "
               f"{len(cfg.data.scenes)} scenes x {cfg.eval.images_per_prompt} images, guidance "
               f"{cfg.sampler.guidance_scale}, judges: {' / '.join(args.judges)} + exact; "
               f"total {(time.perf_counter() - t_start) / 60:.1f} min on {args.workers} workers")
@@ -791,7 +794,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help=f"rows to train, from {', '.join(keys)} (default: the Table 3 rows; --study: "
                          "dreambooth comfusion)")
     ap.add_argument("--photos", type=int, default=1, choices=range(1, N_REFERENCE_PHOTOS + 1), metavar="N",
-                    help=f"training photos per instance, its first N room photos (1 to {N_REFERENCE_PHOTOS}; default 1)")
+                    help=f"training photos per instance, its first N room photos "
+                         f"(1 to {N_REFERENCE_PHOTOS}; default 1)")
     ap.add_argument("--steps", type=int, help="train.steps for every method (default: the config's)")
     ap.add_argument("--priors", type=int, help="priors.count per class and plan (default: the config's)")
     ap.add_argument("--scenes", type=int, help="use the first N scenes of data.scenes (default: all)")
@@ -858,7 +862,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     instances = held_out_instances(args.instances, args.instance_offset)
     photos = write_photos(instances, out / "photos", cfg.model.resolution, args.photos)
-    say(f"{len(instances)} instances ({', '.join(photos)}) x {args.photos} photo(s), rows {args.variants}, {cfg.train.steps} steps at lr "
+    say(f"{len(instances)} instances ({', '.join(photos)}) x {args.photos} photo(s), rows {args.variants}, "
+        f"{cfg.train.steps} steps at lr "
         f"{args.lrs if args.study else cfg.train.lr}, {cfg.priors.count} priors per class and plan, "
         f"{len(cfg.data.scenes)} scenes x {cfg.eval.images_per_prompt} images, {args.workers} workers")
     classes = sorted({i.class_noun for i in instances})

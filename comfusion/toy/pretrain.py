@@ -319,7 +319,8 @@ def _starting_parts(cfg: PretrainConfig) -> dict:
 
     parts = load_base(cfg.init)
     if list(parts["unet"].config.block_out_channels) != list(TOY_PRESET["unet"]["block_out_channels"]):
-        raise ValueError(f"--init {cfg.init}: not a toy base (UNet channels {parts['unet'].config.block_out_channels})")
+        raise ValueError(f"--init {cfg.init}: not a toy base "
+                         f"(UNet channels {parts['unet'].config.block_out_channels})")
     return parts
 
 
@@ -427,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         reserve_identifiers(a.out, a.seed, log=lambda msg: print(msg, flush=True))
         return 0
     cfg = PretrainConfig(seed=a.seed, minutes=a.minutes, steps=a.steps, vae_steps=a.vae_steps, pool=a.pool,
-                         batch_size=a.batch_size, lr=a.lr, init=a.init, log_every=a.log_every, eval_per_scene=a.eval_per_scene,
+                         batch_size=a.batch_size, lr=a.lr, init=a.init, log_every=a.log_every,
+                         eval_per_scene=a.eval_per_scene,
                          sample_steps=a.sample_steps, guidance_scale=a.guidance_scale)
     pretrain(cfg, a.out, log=lambda msg: print(msg, flush=True))
     return 0
