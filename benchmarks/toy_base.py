@@ -15,10 +15,15 @@ instance's colour. This asks why, with the exact judges only (`world.scene_of`,
    frozen), lr 5e-4, UNet only at lr 5e-4; checkpoints up to 300 steps (the study stopped at 150).
 
 Reference rows (no training): the world's renders of the instance, another instance of its class,
-the untuned model asked "a [colour] [class] [scene]" and "a sks [class] [scene]".
+those renders through the autoencoder (its floor), those renders noised to 60% of the schedule and
+redrawn by the base with their colour named (what the base draws once given the instance's layout:
+its rendering ceiling), and the untuned model asked "a [colour] [class] [scene]" and "a sks [class] [scene]".
+`--photos N` trains on the instance's first N room photos instead of one (task files "--pN").
 
     python benchmarks/toy_base.py                     # 3 instances x 5 rows, checkpoints 50 150 300
     python benchmarks/toy_base.py --rows db prior0 --prompts sks  # two rows, one prompt kind: a third of the time
+    python benchmarks/toy_base.py --instances 4 --rows prior0_lr1e-4 --checkpoints 150 300 450 --prompts sks \\
+        --photos 3 --priors 44 --images-per-scene 2 --set sampler.steps=10  # the study's DreamBooth-0, 3 photos
     python benchmarks/toy_base.py --instances 1 --rows db --checkpoints 2 --scenes 1 \\
         --images-per-scene 1 --priors 2               # seconds: checks it runs
 
@@ -53,9 +58,15 @@ ROWS: dict[str, tuple[str, dict]] = {  # key: (label, config overrides on top of
     "unet_only": ("UNet only (text encoder frozen)", {"train.train_text_encoder": False}),
     "lr5e-4": ("lr 5e-4 (UNet and text encoder)", {"train.lr": 5e-4}),
     "unet_lr5e-4": ("UNet only, lr 5e-4", {"train.train_text_encoder": False, "train.lr": 5e-4}),
+    "prior0_lr1e-4": ("prior loss weight 0, lr 1e-4 (the study's DreamBooth-0)",
+                      {"loss.lambda_class_scene": 0.0, "train.lr": 1e-4}),
+    "prior0_lr3e-4": ("prior loss weight 0, lr 3e-4", {"loss.lambda_class_scene": 0.0, "train.lr": 3e-4}),
 }
 REFS = {"real": "Real Images (the instance rendered)", "other": "another instance of its class",
+        "vae": "the renders through the autoencoder (encode, decode)",
+        "redraw": "the renders noised to 60% and denoised, 'a [colour] [class] [scene]'",
         "base_colour": "untuned, 'a [colour] [class] [scene]'", "base_sks": "untuned, 'a sks [class] [scene]'"}
+REDRAW_STRENGTH = 0.6  # share of the DDIM schedule the "redraw" reference runs from the noised render
 PROMPTS = {"sks": "a sks [class] [scene]", "sks+colour": "a sks [colour] [class] [scene]"}
 COLUMNS = (("scene_other", "scene acc (other scenes)"), ("inst", "inst dist, all"),
            ("inst_photo", "inst dist, photo scene"), ("inst_other", "inst dist, other scenes"),
@@ -157,14 +168,14 @@ class Probe:
         self.eval_seconds += time.perf_counter() - t0
 
 
-def train_row(cfg: JobConfig, inst: world.Instance, photo: str, scenes: list[str],
+def train_row(cfg: JobConfig, inst: world.Instance, photos: tuple[str, ...], scenes: list[str],
               checkpoints: tuple[int, ...], prompts: tuple[str, ...] = tuple(PROMPTS)) -> dict:
     from comfusion.config import SubjectSpec  # noqa: PLC0415
     from comfusion.data import check_subject  # noqa: PLC0415
     from comfusion.train import Priors, SubjectTrainer, obtain_priors  # noqa: PLC0415
 
     t0 = time.perf_counter()
-    spec = SubjectSpec(id=tq.subject_id(inst), images=(photo,), class_noun=inst.class_noun, identifier=ID,
+    spec = SubjectSpec(id=tq.subject_id(inst), images=photos, class_noun=inst.class_noun, identifier=ID,
                        scenes=tuple(cfg.data.scenes))
     subject = check_subject(spec, cfg.data, cfg.model.resolution)
     found = obtain_priors(cfg, subject, device="cpu")
@@ -179,9 +190,36 @@ def train_row(cfg: JobConfig, inst: world.Instance, photo: str, scenes: list[str
             "train_seconds": time.perf_counter() - t0 - probe.eval_seconds, "eval_seconds": probe.eval_seconds}
 
 
+@torch.no_grad()
+def redraw(base: dict, images: np.ndarray, prompts: list[str], strength: float, steps: int, guidance: float,
+           seed: int = 0) -> np.ndarray:
+    """(N, H, W, 3) pictures encoded, noised to `strength` of a `steps`-step DDIM schedule and
+    denoised with `prompts`: what the base draws once it is given an instance's layout and colours
+    (its rendering ceiling, as against what it can be told in words)."""
+    from diffusers import DDIMScheduler  # noqa: PLC0415
+
+    from comfusion.sampling import decode_latents, encode_text  # noqa: PLC0415
+
+    vae, unet = base["vae"], base["unet"]
+    sched = DDIMScheduler.from_config(base["scheduler"].config)
+    sched.set_timesteps(steps)
+    timesteps = sched.timesteps[steps - max(1, round(strength * steps)):]
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    z0 = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+    noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed))
+    z = sched.add_noise(z0, noise, timesteps[:1].repeat(len(z0)))
+    cond = torch.cat([encode_text(base["tokenizer"], base["text_encoder"], [""] * len(prompts)),
+                      encode_text(base["tokenizer"], base["text_encoder"], prompts)])
+    for t in timesteps:
+        eps_u, eps_c = unet(torch.cat([z, z]), t, encoder_hidden_states=cond).sample.chunk(2)
+        z = sched.step(eps_u + guidance * (eps_c - eps_u), t, z).prev_sample
+    return decode_latents(vae, z)
+
+
 def reference_rows(cfg: JobConfig, inst: world.Instance, scenes: list[str]) -> dict[str, dict]:
     """The rows without training, one record each."""
     from comfusion.models import load_base  # noqa: PLC0415
+    from comfusion.sampling import decode_latents  # noqa: PLC0415
 
     n, res = cfg.eval.images_per_prompt, cfg.model.resolution
     other = world.make_instance(inst.seed + 7_777, inst.class_noun)
@@ -189,6 +227,13 @@ def reference_rows(cfg: JobConfig, inst: world.Instance, scenes: list[str]) -> d
               for k, obj in (("real", inst), ("other", other))}
     base = load_base(cfg.model.base)
     g = cfg.sampler.guidance_scale
+    flat = render["real"].reshape(-1, res, res, 3)
+    with torch.no_grad():
+        z = base["vae"].encode(torch.from_numpy(flat).permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mean
+        render["vae"] = decode_latents(base["vae"], z * base["vae"].config.scaling_factor).reshape(render["real"].shape)
+    colour_prompts = [p for p in prompt_texts("colour", inst, scenes) for _ in range(n)]
+    render["redraw"] = redraw(base, flat, colour_prompts, REDRAW_STRENGTH, cfg.sampler.steps, g).reshape(
+        render["real"].shape)
     render["base_colour"] = tq._sample(base, cfg, prompt_texts("colour", inst, scenes), g)
     render["base_sks"] = tq._sample(base, cfg, prompt_texts("sks", inst, scenes), g)
     return {k: exact_split(v, inst, scenes) for k, v in render.items()}
@@ -200,7 +245,7 @@ def reference_rows(cfg: JobConfig, inst: world.Instance, scenes: list[str]) -> d
 
 def run(args, cfg: JobConfig, out: Path) -> None:
     instances = tq.held_out_instances(args.instances, args.instance_offset)
-    photos = tq.write_photos(instances, out / "photos", cfg.model.resolution)
+    photos = tq.write_photos(instances, out / "photos", cfg.model.resolution, args.photos)
     scenes = [world.PHOTO_SCENE] + [s for s in cfg.data.scenes if s != world.PHOTO_SCENE]
     for inst in instances:
         sid = tq.subject_id(inst)
@@ -209,14 +254,19 @@ def run(args, cfg: JobConfig, out: Path) -> None:
             _write(path, {"instance": sid, "refs": reference_rows(cfg, inst, scenes)})
             say(f"{sid}: reference rows done")
         for row in args.rows:
-            path = out / "tasks" / f"{sid}--{row}.json"
+            path = out / "tasks" / f"{sid}--{row}{task_suffix(args.photos)}.json"
             if path.exists():
                 continue
             rcfg = cfg.replace(**ROWS[row][1], **{"train.steps": max(args.checkpoints)})
             result = train_row(rcfg, inst, photos[sid], scenes, tuple(args.checkpoints), tuple(args.prompts))
-            _write(path, {"instance": sid, "row": row, **result})
+            _write(path, {"instance": sid, "row": row, "photos": rcfg.train.num_instance_images, **result})
             say(f"{sid} {row}: train {result['train_seconds']:.0f} s, sampling and scoring "
                 f"{result['eval_seconds']:.0f} s")
+
+
+def task_suffix(photos: int) -> str:
+    """Task files of runs on more than one photo are kept apart ("--p3"); one photo keeps the old names."""
+    return "" if photos == 1 else f"--p{photos}"
 
 
 def _write(path: Path, obj: dict) -> None:
@@ -246,8 +296,10 @@ def table(folder: Path) -> str:
         if recs:
             lines.append(f"| {label} | {len(recs)} | - | - | " + " | ".join(f"{_mean(recs, c):.3f}" for c, _ in COLUMNS)
                          + " | - | - | - | - |")
-    for row in ROWS:
-        runs = [f for f in trained if f["row"] == row]
+    kept = sorted({(f["row"], f.get("photos", 1)) for f in trained}, key=lambda k: (list(ROWS).index(k[0]), k[1]))
+    for row, photos in kept:  # a row per (row, photos): runs on several photos stand apart
+        runs = [f for f in trained if f["row"] == row and f.get("photos", 1) == photos]
+        label = ROWS[row][0] + (f", {photos} photos" if photos > 1 else "")
         for step in sorted({r["step"] for f in runs for r in f["records"]}):
             for kind in PROMPTS:
                 recs = [r for f in runs for r in f["records"] if r["step"] == step and r["prompt"] == kind]
@@ -258,7 +310,7 @@ def table(folder: Path) -> str:
                 secs = np.mean([f["train_seconds"] for f in runs]) if step == max(r["step"] for f in runs
                                                                                     for r in f["records"]) else None
                 cells.append(f"{secs:.0f}" if secs is not None else "")
-                lines.append(f"| {ROWS[row][0]} | {len(recs)} | {step} | {PROMPTS[kind]} | " + " | ".join(cells) + " |")
+                lines.append(f"| {label} | {len(recs)} | {step} | {PROMPTS[kind]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -276,6 +328,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prompts", nargs="+", choices=list(PROMPTS), default=list(PROMPTS),
                     help="prompt kinds sampled at each checkpoint: sks = 'a sks [class] [scene]', sks+colour adds "
                          "the instance's colour word (default: both)")
+    ap.add_argument("--photos", type=int, default=1, choices=range(1, tq.N_REFERENCE_PHOTOS + 1), metavar="N",
+                    help=f"train on the first N room photos of each instance (1 to {tq.N_REFERENCE_PHOTOS}; default 1)")
     ap.add_argument("--priors", type=int, help="priors.count per class (default: the config's)")
     ap.add_argument("--scenes", type=int, help="use the first N scenes of data.scenes besides the photo's")
     ap.add_argument("--images-per-scene", type=int, help="eval.images_per_prompt (default: the config's)")

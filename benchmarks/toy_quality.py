@@ -2,8 +2,9 @@
 the levers of issue 16, scored by judges kept apart from training.
 
 For world instances that pretraining never saw (seeds from `world.HELD_OUT_SEED_START`), one photo
-each on one background (`world.PHOTO_SCENE`), every row is trained with the same budget
-(configs/toy_quality.yaml: steps, learning rate, priors) on the committed `toy` preset, then samples
+each (`--photos N`: the first N, each its own view) on one background (`world.PHOTO_SCENE`), every
+row is trained with the same budget (configs/toy_quality.yaml: steps, learning rate, priors) on the
+committed `toy` preset, then samples
 "a sks [class noun] [scene]" ("sks" is a reserved single token) for every scene of `data.scenes`
 from the same seeds. Columns (`comfusion.toy.scores` defines them):
 
@@ -118,15 +119,19 @@ def subject_id(inst: world.Instance) -> str:
     return f"{inst.colour}-{inst.class_noun}-{inst.seed - world.HELD_OUT_SEED_START}"
 
 
-def write_photos(instances: list[world.Instance], folder: Path, size: int) -> dict[str, str]:
-    """<folder>/<subject id>/<k>.png: the instance's room photos; returns the first (the training photo)."""
+def write_photos(instances: list[world.Instance], folder: Path, size: int,
+                 n_train: int = 1) -> dict[str, tuple[str, ...]]:
+    """<folder>/<subject id>/<k>.png: the instance's room photos; returns the first `n_train` of each
+    (the training photos)."""
+    if not 1 <= n_train <= N_REFERENCE_PHOTOS:
+        raise ValueError(f"n_train must lie in 1..{N_REFERENCE_PHOTOS}, not {n_train}")
     paths = {}
     for inst in instances:
         d = folder / subject_id(inst)
         d.mkdir(parents=True, exist_ok=True)
         for k, photo in enumerate(world.instance_photos(inst, N_REFERENCE_PHOTOS, size=size)):
             Image.fromarray(photo).save(d / f"{k}.png")
-        paths[subject_id(inst)] = str(d / "0.png")
+        paths[subject_id(inst)] = tuple(str(d / f"{k}.png") for k in range(n_train))
     return paths
 
 
@@ -141,7 +146,7 @@ class Task:
     class_noun: str
     key: str = ""  # the row key
     instance_seed: int = 0
-    photo: str = ""
+    photos: tuple[str, ...] = ()  # the training photos
     checkpoints: tuple[int, ...] = ()  # steps at which samples are scored (the last is train.steps)
     guidances: tuple[float, ...] = (7.5,)
     out_file: str = ""  # study: where the result is written (and found when resuming)
@@ -252,7 +257,7 @@ def _train_row(task: Task, cfg: JobConfig, inst: world.Instance, scenes: list[st
     from comfusion.train import Priors, SubjectTrainer, obtain_priors  # noqa: PLC0415
 
     t0 = time.perf_counter()
-    spec = SubjectSpec(id=subject_id(inst), images=(task.photo,), class_noun=inst.class_noun,
+    spec = SubjectSpec(id=subject_id(inst), images=task.photos, class_noun=inst.class_noun,
                        identifier=IDENTIFIER, scenes=tuple(scenes))
     subject = check_subject(spec, cfg.data, cfg.model.resolution)
     found = obtain_priors(cfg, subject, device="cpu")  # from the cache the priors tasks filled
@@ -269,7 +274,8 @@ def _train_row(task: Task, cfg: JobConfig, inst: world.Instance, scenes: list[st
 def _write_task_file(task: Task, result: dict) -> None:
     cfg = from_dict(task.cfg)
     meta = {"row": task.key, "instance_seed": task.instance_seed, "class_noun": task.class_noun,
-            "seed": cfg.train.seed, "lr": cfg.train.lr, "train_seconds": result["train_seconds"],
+            "seed": cfg.train.seed, "lr": cfg.train.lr, "photos": len(task.photos),
+            "train_seconds": result["train_seconds"],
             "terms": result["terms"], "records": result["records"], "scenes": list(cfg.data.scenes),
             "grad_norms": result.get("grad_norms", [])}
     path = Path(task.out_file)
@@ -367,7 +373,8 @@ def run_default(args, cfg: JobConfig, out: Path, instances, photos, variants, t_
     means = {k: {c: float(np.nanmean([p[c] for p in per_instance if p["row"] == k])) for c in keys} for k in rows}
     seconds = {k: float(np.mean([p["train_seconds"] for p in per_instance if p["row"] == k])) for k in variants}
     md = table_markdown(rows, means, seconds)
-    header = (f"toy world, {len(instances)} held-out instances x 1 photo, {cfg.train.steps} steps at lr {cfg.train.lr}, "
+    header = (f"toy world, {len(instances)} held-out instances x {args.photos} photo{'s' * (args.photos > 1)}, "
+              f"{cfg.train.steps} steps at lr {cfg.train.lr}, "
               f"{len(cfg.data.scenes)} scenes x {cfg.eval.images_per_prompt} images, guidance "
               f"{cfg.sampler.guidance_scale}, judges: {' / '.join(args.judges)} + exact; "
               f"total {(time.perf_counter() - t_start) / 60:.1f} min on {args.workers} workers")
@@ -786,6 +793,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--variants", nargs="+", choices=keys, metavar="KEY",
                     help=f"rows to train, from {', '.join(keys)} (default: the Table 3 rows; --study: "
                          "dreambooth comfusion)")
+    ap.add_argument("--photos", type=int, default=1, choices=range(1, N_REFERENCE_PHOTOS + 1), metavar="N",
+                    help=f"training photos per instance, its first N room photos "
+                         f"(1 to {N_REFERENCE_PHOTOS}; default 1)")
     ap.add_argument("--steps", type=int, help="train.steps for every method (default: the config's)")
     ap.add_argument("--priors", type=int, help="priors.count per class and plan (default: the config's)")
     ap.add_argument("--scenes", type=int, help="use the first N scenes of data.scenes (default: all)")
@@ -823,7 +833,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace) -> JobConfig:
     cfg = load_config(args.config, args.overrides)
-    over = {"job.storage": str(Path(args.out) / "storage")}
+    over = {"job.storage": str(Path(args.out) / "storage"), "train.num_instance_images": args.photos}
     if args.steps:
         over["train.steps"] = args.steps
     if args.priors:
@@ -851,8 +861,9 @@ def main(argv: list[str] | None = None) -> int:
         return study_report(args, out / "study", args.variants)
     out.mkdir(parents=True, exist_ok=True)
     instances = held_out_instances(args.instances, args.instance_offset)
-    photos = write_photos(instances, out / "photos", cfg.model.resolution)
-    say(f"{len(instances)} instances ({', '.join(photos)}), rows {args.variants}, {cfg.train.steps} steps at lr "
+    photos = write_photos(instances, out / "photos", cfg.model.resolution, args.photos)
+    say(f"{len(instances)} instances ({', '.join(photos)}) x {args.photos} photo(s), rows {args.variants}, "
+        f"{cfg.train.steps} steps at lr "
         f"{args.lrs if args.study else cfg.train.lr}, {cfg.priors.count} priors per class and plan, "
         f"{len(cfg.data.scenes)} scenes x {cfg.eval.images_per_prompt} images, {args.workers} workers")
     classes = sorted({i.class_noun for i in instances})

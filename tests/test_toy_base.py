@@ -89,12 +89,31 @@ def test_tiny_run_writes_tasks_and_the_table_and_resumes(tmp_path):
     assert all(r["emb_moved"] > 0.0 for r in db["records"])
     refs = json.loads((tmp_path / "tasks" / "red-ball-100--refs.json").read_text())["refs"]
     assert refs["real"]["inst"] < refs["other"]["inst"]
+    # the autoencoder's floor and the base's redraw of the renders lie between the renders and another instance
+    assert refs["real"]["inst"] < refs["vae"]["inst"] < refs["other"]["inst"]
+    assert refs["redraw"]["inst"] < refs["other"]["inst"] and refs["redraw"]["scene_other"] == 1.0
     md = (tmp_path / "table.md").read_text()
     assert md.count("| UNet only (text encoder frozen) | 1 |") == 4 and "| Real Images" in md
     again = _run(*args)  # every task done: nothing trains again
     assert again.returncode == 0 and "sampling and scoring" not in again.stdout
     report = _run("--report-only", "--out", str(tmp_path))
     assert report.returncode == 0 and md in report.stdout
+
+
+def test_runs_on_several_photos_are_kept_apart(tmp_path):
+    args = ("--instances", "1", "--rows", "prior0_lr1e-4", "--checkpoints", "6", "--scenes", "1", "--prompts", "sks",
+            "--images-per-scene", "1", "--priors", "2", "--out", str(tmp_path))
+    for photos in ("1", "2"):
+        proc = _run(*args, "--photos", photos)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one = json.loads((tmp_path / "tasks" / "red-ball-100--prior0_lr1e-4.json").read_text())
+    two = json.loads((tmp_path / "tasks" / "red-ball-100--prior0_lr1e-4--p2.json").read_text())
+    assert one["photos"] == 1 and two["photos"] == 2  # train.num_instance_images of the run
+    assert one["terms"]["instance"] != two["terms"]["instance"]  # the second photo took part
+    rows = [ln for ln in (tmp_path / "table.md").read_text().splitlines() if ln.startswith("| prior loss weight 0")]
+    assert len(rows) == 2 and "2 photos | 1 | 6 |" in rows[1]
+    bad = _run("--photos", "5", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "--photos" in bad.stderr
 
 
 def test_table_counts_instances_per_row_and_skips_prompts_not_sampled(tmp_path):

@@ -92,13 +92,15 @@ def test_bad_input_is_refused_before_any_work(tmp_path):
     assert not (tmp_path / "b").exists()
     proc = _run("--instances", "0", "--out", str(tmp_path / "c"))
     assert proc.returncode == 2 and "--instances" in proc.stderr
+    proc = _run("--photos", "5", "--out", str(tmp_path / "d"))
+    assert proc.returncode == 2 and "--photos" in proc.stderr and not (tmp_path / "d").exists()
 
 
 def test_study_runs_in_pieces_resumes_and_reports_intervals(tmp_path):
     out = tmp_path / "study"
     small = ["--study", "--instances", "2", "--seeds", "0", "--lrs", "2e-4", "1e-4", "--steps", "2", "--every", "1",
              "--scenes", "2", "--images-per-scene", "1", "--priors", "4", "--workers", "1", "--judges", "toy",
-             "--set", "train.grad_norm_every=1", "--guidance", "7.5", "3", "--out", str(out)]
+             "--set", "train.grad_norm_every=1", "--guidance", "7.5", "3", "--photos", "2", "--out", str(out)]
     first = _run(*small, "--piece", "1/2")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     tasks = out / "study" / "tasks"
@@ -107,6 +109,8 @@ def test_study_runs_in_pieces_resumes_and_reports_intervals(tmp_path):
     second = _run(*small, "--piece", "2/2")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert len(list(tasks.glob("*.json"))) == 12 and len(list(tasks.glob("*.npz"))) == 12
+    trained = [json.loads(p.read_text()) for p in tasks.glob("*-seed0.json")]
+    assert len(trained) == 8 and {t["photos"] for t in trained} == {2}  # each run trained on 2 room photos
     again = _run(*small)  # everything done: nothing is trained again
     assert again.returncode == 0 and "0 still to run" in again.stdout
     table = (out / "study" / "table.md").read_text()

@@ -167,6 +167,33 @@ def test_toy_pretrain_script_runs_and_its_folder_loads_and_samples(tmp_path, cap
     assert images.shape == (1, 32, 32, 3)
 
 
+def test_toy_pretrain_continues_a_trained_base(tmp_path, capsys):
+    """--init: the UNet and text encoder start from the folder's weights and move; the autoencoder,
+    its scaling factor and the reserved identifier tokens stay; bad folders are named before training."""
+    from comfusion.models import load_base
+    from comfusion.prompts import IDENTIFIER_TOKENS
+    from comfusion.toy.pretrain import main
+
+    first, cont = tmp_path / "first", tmp_path / "cont"
+    common = ["--pool", "16", "--batch-size", "8", "--eval-per-scene", "0"]
+    assert main(["--out", str(first), "--steps", "2", *common]) == 0
+    assert main(["--out", str(cont), "--init", str(first), "--seed", "1", "--steps", "2", "--vae-steps", "0",
+                 "--lr", "3e-4", *common]) == 0
+    log = json.loads((cont / "pretrain_log.json").read_text())
+    assert log["vae_steps"] == 0 and log["unet_steps"] == 2 and log["config"]["init"] == str(first)
+    assert f"--init {first}" in log["repeat"] and "--lr 0.0003" in log["repeat"]
+    a, b = load_base(str(first)), load_base(str(cont))
+    assert b["vae"].config.scaling_factor == pytest.approx(a["vae"].config.scaling_factor)
+    assert all(torch.equal(x, y) for x, y in zip(a["vae"].parameters(), b["vae"].parameters()))
+    moved = [not torch.equal(x, y) for x, y in zip(a["unet"].parameters(), b["unet"].parameters())]
+    assert sum(moved) > len(moved) // 2
+    assert b["tokenizer"].convert_tokens_to_ids(list(IDENTIFIER_TOKENS)) == \
+        a["tokenizer"].convert_tokens_to_ids(list(IDENTIFIER_TOKENS))
+    capsys.readouterr()
+    with pytest.raises(Exception, match="nowhere"):
+        main(["--out", str(tmp_path / "x"), "--init", str(tmp_path / "nowhere"), "--steps", "1", *common])
+
+
 def test_toy_judges_script_runs_and_its_folders_load(tmp_path, capsys):
     from comfusion.models import load_judges
     from comfusion.toy.judges import main

@@ -96,6 +96,7 @@ class PretrainConfig:
     eval_per_scene: int = 5  # pictures sampled per scene after training, judged by `world.scene_of`
     sample_steps: int = 30  # DDIM steps of those pictures
     guidance_scale: float = 7.5
+    init: str | None = None  # continue from this trained base folder (its EMA weights) instead of random ones
 
     def __post_init__(self):
         if self.pool < self.batch_size:
@@ -310,22 +311,43 @@ def plan(cfg: PretrainConfig, images: np.ndarray, seconds_left: float, log=print
     return vae_steps, unet_steps
 
 
+def _starting_parts(cfg: PretrainConfig) -> dict:
+    """Seeded random components, or with `cfg.init` the trained base in that folder (a continuation)."""
+    if cfg.init is None:
+        return build_toy_components(cfg.seed)
+    from comfusion.models import load_base  # noqa: PLC0415
+
+    parts = load_base(cfg.init)
+    if list(parts["unet"].config.block_out_channels) != list(TOY_PRESET["unet"]["block_out_channels"]):
+        raise ValueError(f"--init {cfg.init}: not a toy base "
+                         f"(UNet channels {parts['unet'].config.block_out_channels})")
+    return parts
+
+
 def pretrain(cfg: PretrainConfig, out: str | Path, log=print) -> dict:
-    """Render the pool, train both stages, save the toy base model into `out`; returns the log."""
+    """Render the pool, train both stages, save the toy base model into `out`; returns the log.
+
+    With `cfg.init` the run continues a trained base: a fresh pool (rendered from `cfg.seed`), the
+    autoencoder trained further only if `vae_steps` > 0 (its `scaling_factor` is then kept), and the
+    UNet and text encoder from their saved EMA weights with a new warm-up and cosine decay."""
     t0 = time.perf_counter()
     size = TOY_PRESET["resolution"]
+    start = _starting_parts(cfg) if cfg.init else None  # a bad --init folder fails before any work
     images, captions = render_pool(cfg.pool, size, cfg.seed)
     t_pool = time.perf_counter() - t0
     log(f"rendered {cfg.pool} pictures in {t_pool:.1f} s")
     vae_steps, unet_steps = plan(cfg, images, cfg.minutes * 60 - t_pool, log)
-    parts = build_toy_components(cfg.seed)  # after planning, so the probes leave no trace
+    parts = start or _starting_parts(cfg)  # random weights after planning, so the probes leave no trace
 
     t1 = time.perf_counter()
-    vae_losses = train_vae(parts["vae"], images, cfg, vae_steps, log)
+    vae_losses = train_vae(parts["vae"], images, cfg, vae_steps, log) if vae_steps else [float("nan")]
     t_vae = time.perf_counter() - t1
     latents = encode_pool(parts["vae"], images)  # (N, 4, 16, 16)
-    scaling = float(1 / latents.std())
-    parts["vae"].register_to_config(scaling_factor=scaling)  # SD 1.5's 0.18215, measured here
+    if cfg.init is None:
+        scaling = float(1 / latents.std())
+        parts["vae"].register_to_config(scaling_factor=scaling)  # SD 1.5's 0.18215, measured here
+    else:
+        scaling = float(parts["vae"].config.scaling_factor)
     psnr = reconstruction_psnr(parts["vae"], render_pool(256, size, cfg.seed + 1)[0])
     log(f"autoencoder: {vae_steps} steps in {t_vae:.0f} s, held-out PSNR {psnr:.1f} dB, scaling {scaling:.4f}")
 
@@ -343,7 +365,8 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log=print) -> dict:
     summary = dict(
         config=asdict(cfg), vae_steps=vae_steps, unet_steps=unet_steps,
         repeat=(f"python -m comfusion.toy.pretrain --out OUT --seed {cfg.seed} --pool {cfg.pool} "
-                f"--batch-size {cfg.batch_size} --vae-steps {vae_steps} --steps {unet_steps}"),
+                f"--batch-size {cfg.batch_size} --vae-steps {vae_steps} --steps {unet_steps} --lr {cfg.lr:g}"
+                + (f" --init {cfg.init}" if cfg.init else "")),
         seconds=dict(render=t_pool, vae=t_vae, unet=t_unet, total=time.perf_counter() - t0),
         steps_per_second=dict(vae=vae_steps / max(t_vae, 1e-9), unet=unet_steps / max(t_unet, 1e-9)),
         parameters={k: parameter_count(parts[k]) for k in ("unet", "vae", "text_encoder")},
@@ -386,6 +409,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vae-steps", type=int, help="autoencoder steps")
     p.add_argument("--pool", type=int, default=PretrainConfig.pool, help="pictures rendered to train on")
     p.add_argument("--batch-size", type=int, default=PretrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=PretrainConfig.lr, help="UNet and text encoder peak learning rate")
+    p.add_argument("--init", help="continue from the trained base in this folder (e.g. comfusion/presets/toy) "
+                                  "instead of random weights; use another --seed for a fresh pool")
     p.add_argument("--log-every", type=int, default=PretrainConfig.log_every)
     p.add_argument("--eval-per-scene", type=int, default=PretrainConfig.eval_per_scene,
                    help="pictures sampled per scene after training and judged (0: none)")
@@ -402,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         reserve_identifiers(a.out, a.seed, log=lambda msg: print(msg, flush=True))
         return 0
     cfg = PretrainConfig(seed=a.seed, minutes=a.minutes, steps=a.steps, vae_steps=a.vae_steps, pool=a.pool,
-                         batch_size=a.batch_size, log_every=a.log_every, eval_per_scene=a.eval_per_scene,
+                         batch_size=a.batch_size, lr=a.lr, init=a.init, log_every=a.log_every,
+                         eval_per_scene=a.eval_per_scene,
                          sample_steps=a.sample_steps, guidance_scale=a.guidance_scale)
     pretrain(cfg, a.out, log=lambda msg: print(msg, flush=True))
     return 0
