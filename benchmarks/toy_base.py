@@ -191,11 +191,11 @@ def train_row(cfg: JobConfig, inst: world.Instance, photos: tuple[str, ...], sce
 
 
 @torch.no_grad()
-def redraw(base: dict, images: np.ndarray, prompts: list[str], strength: float, steps: int, guidance: float,
+def redraw(base: dict, z0: torch.Tensor, prompts: list[str], strength: float, steps: int, guidance: float,
            seed: int = 0) -> np.ndarray:
-    """(N, H, W, 3) pictures encoded, noised to `strength` of a `steps`-step DDIM schedule and
-    denoised with `prompts`: what the base draws once it is given an instance's layout and colours
-    (its rendering ceiling, as against what it can be told in words)."""
+    """Scaled latents (N, 4, h, w) of pictures, noised to `strength` of a `steps`-step DDIM schedule and
+    denoised with `prompts`, as (N, H, W, 3) pictures: what the base draws once it is given an instance's
+    layout and colours (its rendering ceiling, as against what it can be told in words)."""
     from diffusers import DDIMScheduler  # noqa: PLC0415
 
     from comfusion.sampling import decode_latents, encode_text  # noqa: PLC0415
@@ -204,8 +204,6 @@ def redraw(base: dict, images: np.ndarray, prompts: list[str], strength: float, 
     sched = DDIMScheduler.from_config(base["scheduler"].config)
     sched.set_timesteps(steps)
     timesteps = sched.timesteps[steps - max(1, round(strength * steps)):]
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    z0 = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
     noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed))
     z = sched.add_noise(z0, noise, timesteps[:1].repeat(len(z0)))
     cond = torch.cat([encode_text(base["tokenizer"], base["text_encoder"], [""] * len(prompts)),
@@ -220,6 +218,7 @@ def reference_rows(cfg: JobConfig, inst: world.Instance, scenes: list[str]) -> d
     """The rows without training, one record each."""
     from comfusion.models import load_base  # noqa: PLC0415
     from comfusion.sampling import decode_latents  # noqa: PLC0415
+    from comfusion.toy.pretrain import encode_pool  # noqa: PLC0415
 
     n, res = cfg.eval.images_per_prompt, cfg.model.resolution
     other = world.make_instance(inst.seed + 7_777, inst.class_noun)
@@ -227,12 +226,10 @@ def reference_rows(cfg: JobConfig, inst: world.Instance, scenes: list[str]) -> d
               for k, obj in (("real", inst), ("other", other))}
     base = load_base(cfg.model.base)
     g = cfg.sampler.guidance_scale
-    flat = render["real"].reshape(-1, res, res, 3)
-    with torch.no_grad():
-        z = base["vae"].encode(torch.from_numpy(flat).permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mean
-        render["vae"] = decode_latents(base["vae"], z * base["vae"].config.scaling_factor).reshape(render["real"].shape)
+    z = encode_pool(base["vae"], render["real"].reshape(-1, res, res, 3)) * base["vae"].config.scaling_factor
+    render["vae"] = decode_latents(base["vae"], z).reshape(render["real"].shape)
     colour_prompts = [p for p in prompt_texts("colour", inst, scenes) for _ in range(n)]
-    render["redraw"] = redraw(base, flat, colour_prompts, REDRAW_STRENGTH, cfg.sampler.steps, g).reshape(
+    render["redraw"] = redraw(base, z, colour_prompts, REDRAW_STRENGTH, cfg.sampler.steps, g).reshape(
         render["real"].shape)
     render["base_colour"] = tq._sample(base, cfg, prompt_texts("colour", inst, scenes), g)
     render["base_sks"] = tq._sample(base, cfg, prompt_texts("sks", inst, scenes), g)

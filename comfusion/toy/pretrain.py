@@ -311,15 +311,13 @@ def plan(cfg: PretrainConfig, images: np.ndarray, seconds_left: float, log=print
     return vae_steps, unet_steps
 
 
-def _starting_parts(cfg: PretrainConfig) -> dict:
-    """Seeded random components, or with `cfg.init` the trained base in that folder (a continuation)."""
-    if cfg.init is None:
-        return build_toy_components(cfg.seed)
+def load_toy_base(folder: str) -> dict:
+    """The trained toy base in `folder`, to continue pretraining from; another model is refused."""
     from comfusion.models import load_base  # noqa: PLC0415
 
-    parts = load_base(cfg.init)
+    parts = load_base(folder)
     if list(parts["unet"].config.block_out_channels) != list(TOY_PRESET["unet"]["block_out_channels"]):
-        raise ValueError(f"--init {cfg.init}: not a toy base "
+        raise ValueError(f"--init {folder}: not a toy base "
                          f"(UNet channels {parts['unet'].config.block_out_channels})")
     return parts
 
@@ -332,12 +330,12 @@ def pretrain(cfg: PretrainConfig, out: str | Path, log=print) -> dict:
     UNet and text encoder from their saved EMA weights with a new warm-up and cosine decay."""
     t0 = time.perf_counter()
     size = TOY_PRESET["resolution"]
-    start = _starting_parts(cfg) if cfg.init else None  # a bad --init folder fails before any work
+    parts = load_toy_base(cfg.init) if cfg.init else None  # a bad --init folder fails before any work
     images, captions = render_pool(cfg.pool, size, cfg.seed)
     t_pool = time.perf_counter() - t0
     log(f"rendered {cfg.pool} pictures in {t_pool:.1f} s")
     vae_steps, unet_steps = plan(cfg, images, cfg.minutes * 60 - t_pool, log)
-    parts = start or _starting_parts(cfg)  # random weights after planning, so the probes leave no trace
+    parts = parts or build_toy_components(cfg.seed)  # after planning, so the probes leave no trace
 
     t1 = time.perf_counter()
     vae_losses = train_vae(parts["vae"], images, cfg, vae_steps, log) if vae_steps else [float("nan")]
